@@ -1,0 +1,198 @@
+//! # nexplane-ports
+//!
+//! The traits the Nexplane core needs from the world: storage ([`Store`] / [`Repo`]),
+//! password hashing, token signing, the clock and randomness. Adapters (`nexplane-store`,
+//! `nexplane-crypto`) implement them; `nexplane-app` is written against them only.
+//!
+//! Storage is synchronous (diesel is blocking): callers run it on a blocking thread pool.
+#![deny(missing_docs)]
+
+use nexplane_domain::audit::{AuditEvent, NewAuditEvent};
+use nexplane_domain::{
+    AccessClaims, PasswordHash, RefreshTokenRecord, SecretString, Session, SessionId, Timestamp,
+    User, UserId,
+};
+
+/// A storage failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint was violated; the string names the constraint or column.
+    #[error("conflict on {0}")]
+    Conflict(String),
+    /// The database cannot be reached.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The transaction closure asked for a rollback (used by [`transaction`]).
+    #[error("rolled back")]
+    RolledBack,
+    /// Anything else.
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+/// Keyset page request: newest first, strictly after (older than) `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// Maximum rows to return.
+    pub limit: u32,
+    /// Key of the last row of the previous page (an id, or a `seq` as text for audit events).
+    pub after: Option<String>,
+}
+
+/// Filters of `GET /audit` (api.md §9). `from` is inclusive, `to` exclusive.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditFilter {
+    /// Events of this change request.
+    pub change_request_id: Option<String>,
+    /// Events whose actor is this user id.
+    pub user_id: Option<String>,
+    /// Resource type.
+    pub resource_type: Option<String>,
+    /// Resource id.
+    pub resource_id: Option<String>,
+    /// Event type.
+    pub event_type: Option<String>,
+    /// At or after.
+    pub from: Option<Timestamp>,
+    /// Before.
+    pub to: Option<Timestamp>,
+}
+
+/// The operations available inside one database transaction.
+pub trait Repo {
+    /// Inserts a user. Duplicate email → [`StoreError::Conflict`].
+    fn insert_user(&mut self, user: &User) -> Result<(), StoreError>;
+    /// Overwrites a user's mutable fields (name, role, hash, disabled, lock state, updated_at).
+    fn update_user(&mut self, user: &User) -> Result<(), StoreError>;
+    /// A user by id.
+    fn get_user(&mut self, id: &UserId) -> Result<Option<User>, StoreError>;
+    /// A user by (lowercase) email.
+    fn get_user_by_email(&mut self, email: &str) -> Result<Option<User>, StoreError>;
+    /// Users, newest first, keyset by id.
+    fn list_users(&mut self, page: &Page) -> Result<Vec<User>, StoreError>;
+    /// Number of users.
+    fn count_users(&mut self) -> Result<i64, StoreError>;
+
+    /// Inserts a session.
+    fn insert_session(&mut self, session: &Session) -> Result<(), StoreError>;
+    /// A session by id.
+    fn get_session(&mut self, id: &SessionId) -> Result<Option<Session>, StoreError>;
+    /// Marks a session revoked (idempotent: keeps the first revocation time).
+    fn revoke_session(&mut self, id: &SessionId, at: Timestamp) -> Result<(), StoreError>;
+    /// The session and its user, in one query (the per-request authentication check).
+    fn get_session_with_user(
+        &mut self,
+        id: &SessionId,
+    ) -> Result<Option<(Session, User)>, StoreError>;
+
+    /// Inserts a refresh token record.
+    fn insert_refresh_token(&mut self, rec: &RefreshTokenRecord) -> Result<(), StoreError>;
+    /// A refresh token by its hash.
+    fn get_refresh_token(&mut self, token_hash: &str)
+        -> Result<Option<RefreshTokenRecord>, StoreError>;
+    /// Spends a refresh token: sets `used_at` only if it was unused. Returns whether this call
+    /// spent it (false: it was already spent — a reuse).
+    fn spend_refresh_token(&mut self, token_hash: &str, at: Timestamp) -> Result<bool, StoreError>;
+
+    /// Appends an event to the audit chain, assigning `seq`, `prev_hash` and `hash`.
+    /// Appends are serialized so the chain stays linear.
+    fn append_audit(&mut self, event: NewAuditEvent) -> Result<AuditEvent, StoreError>;
+    /// Audit events matching `filter`, newest first, keyset by `seq` (`page.after` is a seq).
+    fn list_audit(&mut self, filter: &AuditFilter, page: &Page)
+        -> Result<Vec<AuditEvent>, StoreError>;
+    /// Up to `limit` events with `seq > after_seq`, in ascending `seq` order (for verification).
+    fn scan_audit(&mut self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+}
+
+/// A database: runs closures inside transactions.
+pub trait Store: Send + Sync {
+    /// Runs `f` in one transaction; commits when it returns `Ok`, rolls back on `Err`.
+    /// Prefer the typed helper [`transaction`].
+    fn transaction_dyn(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Repo) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// Checks that the database answers.
+    fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Runs `f` in one transaction of `store`, with any error type that a [`StoreError`] converts
+/// into. The transaction commits only when `f` returns `Ok` and the commit succeeds.
+pub fn transaction<T, E, F>(store: &dyn Store, f: F) -> Result<T, E>
+where
+    E: From<StoreError>,
+    F: FnOnce(&mut dyn Repo) -> Result<T, E>,
+{
+    let mut f = Some(f);
+    let mut out: Option<Result<T, E>> = None;
+    let r = store.transaction_dyn(&mut |repo| {
+        let Some(f) = f.take() else {
+            return Err(StoreError::Other("transaction closure called twice".into()));
+        };
+        let res = f(repo);
+        let failed = res.is_err();
+        out = Some(res);
+        if failed {
+            Err(StoreError::RolledBack)
+        } else {
+            Ok(())
+        }
+    });
+    match (r, out) {
+        (_, Some(Err(e))) => Err(e),
+        (Ok(()), Some(Ok(v))) => Ok(v),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), None) => Err(StoreError::Other("transaction closure not run".into()).into()),
+    }
+}
+
+/// A crypto failure (key material or a backend error; never carries secret values).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("crypto error: {0}")]
+pub struct CryptoError(pub String);
+
+/// Why an access token was refused. Every variant is a 401 to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Expired.
+    #[error("token expired")]
+    Expired,
+    /// Malformed, wrong algorithm, unknown key, bad signature or wrong claims.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Password hashing (argon2id). Blocking and slow by design: call on a blocking pool.
+pub trait PasswordHasher: Send + Sync {
+    /// Hashes a password with a fresh salt.
+    fn hash(&self, password: &SecretString) -> Result<PasswordHash, CryptoError>;
+    /// Whether `password` matches `hash`.
+    fn verify(&self, hash: &PasswordHash, password: &SecretString) -> Result<bool, CryptoError>;
+}
+
+/// Signs and verifies RS256 access tokens and publishes the verification keys.
+pub trait TokenSigner: Send + Sync {
+    /// Signs `claims` with the current key (header carries its `kid`).
+    fn sign(&self, claims: &AccessClaims) -> Result<String, CryptoError>;
+    /// Verifies signature (RS256 with a known `kid` only), `exp` against `now`, `aud`, `iss`
+    /// and `typ`, and returns the claims.
+    fn verify(&self, token: &str, now: Timestamp) -> Result<AccessClaims, TokenError>;
+    /// The JWKS document (`{"keys":[…]}`).
+    fn jwks(&self) -> serde_json::Value;
+    /// The issuer this signer puts in and expects in `iss`.
+    fn issuer(&self) -> &str;
+}
+
+/// The clock.
+pub trait Clock: Send + Sync {
+    /// Now.
+    fn now(&self) -> Timestamp;
+}
+
+/// A cryptographically secure random source.
+pub trait Random: Send + Sync {
+    /// 128 random bits.
+    fn u128(&self) -> u128;
+    /// A URL-safe random token with at least `bits` bits of entropy.
+    fn token(&self, bits: usize) -> SecretString;
+}
