@@ -38,8 +38,10 @@ macro_rules! define_id {
                     .strip_prefix($prefix)
                     .and_then(|r| r.strip_prefix('_'))
                     .ok_or_else(|| err.clone())?;
+                // 26 lowercase Crockford characters; the first is at most `7` (128 bits).
                 if rest.len() != 26
                     || !rest.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+                    || rest.as_bytes()[0] > b'7'
                 {
                     return Err(err);
                 }
