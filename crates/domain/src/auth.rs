@@ -83,3 +83,10 @@ pub struct Principal {
     /// Session.
     pub session_id: SessionId,
 }
+
+/// The stored form of a refresh token: lowercase hex SHA-256 of the token text.
+/// (Refresh tokens carry ≥ 256 random bits, so a fast hash is enough.)
+pub fn refresh_token_hash(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}

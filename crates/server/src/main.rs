@@ -1,1 +1,135 @@
-fn main() {}
+//! `nexplane`: the control-plane server and its administration commands.
+
+use clap::{Parser, Subcommand};
+use nexplane::config::{Config, LogFormat, Source};
+use nexplane::{StartError, SystemClock};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "nexplane", version, about = "Nexplane control plane")]
+struct Cli {
+    /// Config file (TOML); environment variables win over it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; the password is read from standard input.
+    Create {
+        /// Login email.
+        #[arg(long)]
+        email: String,
+        /// admin, operator, approver or viewer.
+        #[arg(long)]
+        role: String,
+        /// Display name (default: the email).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Openapi) = cli.command {
+        let spec = nexplane_api::openapi::openapi_spec();
+        println!("{}", serde_json::to_string_pretty(&spec).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let cfg = match Source::load(cli.config.as_deref()).and_then(|s| Config::from_source(&s)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nexplane: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cfg),
+        Command::Migrate => nexplane::open_database(&cfg).map(|_| {
+            tracing::info!("database is up to date");
+        }),
+        Command::User {
+            command: UserCommand::Create { email, role, name },
+        } => create_user(&cfg, email, role, name),
+        Command::Openapi => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("nexplane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cfg: Config) -> Result<(), StartError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    rt.block_on(async move {
+        let running = nexplane::start(cfg, Arc::new(SystemClock)).await?;
+        match running.task.await {
+            Ok(Ok(())) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(StartError::Other(e.to_string())),
+            Err(e) => Err(StartError::Other(e.to_string())),
+        }
+    })
+}
+
+fn create_user(cfg: &Config, email: String, role: String, name: Option<String>) -> Result<(), StartError> {
+    let password = nexplane::read_password_stdin().map_err(|e| StartError::Other(format!("reading the password from stdin: {e}")))?;
+    let app = nexplane::build_app(cfg, Arc::new(SystemClock))?;
+    let user = app
+        .create_user_cli(nexplane_app::users::NewUser {
+            name: name.unwrap_or_else(|| email.clone()),
+            email,
+            role,
+            password,
+        })
+        .map_err(|e| match e {
+            nexplane_app::AppError::Validation(errs) => StartError::Other(
+                errs.iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            other => StartError::Other(other.to_string()),
+        })?;
+    println!("{}", serde_json::json!({"id": user.id.to_string(), "email": user.email, "role": user.role.as_str()}));
+    Ok(())
+}

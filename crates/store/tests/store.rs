@@ -1,0 +1,900 @@
+//! The store against both backends: every test function runs once on a fresh SQLite file in a
+//! temporary directory and once on a fresh PostgreSQL database (server at
+//! `NEXPLANE_TEST_DATABASE_URL`, default `postgres://postgres@localhost:5432/postgres`).
+//! An unreachable PostgreSQL fails the PostgreSQL tests; nothing is skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+use nexplane_domain::audit::{AuditEvent, ChainCheck, ChainVerifier, NewAuditEvent};
+use nexplane_domain::{
+    EventId, LockState, PasswordHash, RefreshTokenRecord, Role, Session, SessionId, Timestamp,
+    User, UserId,
+};
+use nexplane_ports::{transaction, AuditFilter, Page, Store, StoreError};
+use nexplane_store::{Backend, Db, DbOptions};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@localhost:5432/postgres";
+
+fn admin_url() -> String {
+    std::env::var("NEXPLANE_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL with a scheme");
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+fn unique_suffix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+/// Drops the test database when the test ends (also on failure).
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&self.admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin);
+        }
+    }
+}
+
+/// A fresh, migrated database. Fields drop in order: the pool first, then the files or the
+/// PostgreSQL database.
+struct TestDb {
+    db: Db,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    _pg: Option<PgDatabase>,
+}
+
+fn opts() -> DbOptions {
+    DbOptions {
+        max_size: 10,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+impl TestDb {
+    fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory that does not exist yet: connect creates it.
+        let path = dir.path().join("nested").join("nexplane.db");
+        let url = format!("sqlite://{}", path.display());
+        let db = Db::connect(&url, opts()).unwrap();
+        assert_eq!(db.backend(), Backend::Sqlite);
+        assert!(path.exists());
+        db.migrate().unwrap();
+        TestDb {
+            db,
+            url,
+            _dir: Some(dir),
+            _pg: None,
+        }
+    }
+
+    fn postgres() -> TestDb {
+        let admin_url = admin_url();
+        let mut admin = PgConnection::establish(&admin_url).unwrap_or_else(|e| {
+            panic!("PostgreSQL for the tests is unreachable ({admin_url}): {e}")
+        });
+        let name = format!("nexplane_store_test_{}", unique_suffix());
+        diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .unwrap();
+        let guard = PgDatabase {
+            admin_url: admin_url.clone(),
+            name: name.clone(),
+        };
+        let url = with_database(&admin_url, &name);
+        let db = Db::connect(&url, opts()).unwrap();
+        assert_eq!(db.backend(), Backend::Postgres);
+        db.migrate().unwrap();
+        TestDb {
+            db,
+            url,
+            _dir: None,
+            _pg: Some(guard),
+        }
+    }
+}
+
+/// Generates one `#[test]` per backend for each listed function `fn(&TestDb)`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&super::TestDb::sqlite()); } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(&super::TestDb::postgres()); } )*
+        }
+    };
+}
+
+on_both_backends!(
+    migrations_apply_once,
+    ping_answers,
+    users_crud_and_conflicts,
+    conflict_keeps_transaction_usable,
+    users_keyset_paging,
+    sessions_and_join,
+    refresh_token_spent_once,
+    refresh_token_race_has_one_winner,
+    audit_chain_under_concurrent_writers,
+    audit_filters_and_bounds,
+    audit_paging,
+    failed_transaction_leaves_nothing,
+    swallowed_statement_error_rolls_back,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+const T0: i64 = 1_796_398_882_000; // 2026-12-04T15:41:22Z
+
+fn at(offset_ms: i64) -> Timestamp {
+    Timestamp::from_millis(T0 + offset_ms)
+}
+
+fn rnd() -> u128 {
+    static N: AtomicU64 = AtomicU64::new(1);
+    u128::from(N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn user(email: &str, created: Timestamp) -> User {
+    User {
+        id: UserId::new(created, rnd()),
+        email: email.to_owned(),
+        name: format!("Name of {email}"),
+        role: Role::Operator,
+        password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
+        disabled_at: None,
+        lock: LockState::default(),
+        created_at: created,
+        updated_at: created,
+    }
+}
+
+fn session(user: &User, created: Timestamp) -> Session {
+    Session {
+        id: SessionId::new(created, rnd()),
+        user_id: user.id.clone(),
+        created_at: created,
+        expires_at: created.plus_secs(12 * 3600),
+        revoked_at: None,
+    }
+}
+
+fn token(session: &Session, hash: &str) -> RefreshTokenRecord {
+    RefreshTokenRecord {
+        token_hash: hash.to_owned(),
+        session_id: session.id.clone(),
+        created_at: session.created_at,
+        expires_at: session.expires_at,
+        used_at: None,
+    }
+}
+
+fn event(event_type: &str, ts: Timestamp) -> NewAuditEvent {
+    NewAuditEvent {
+        id: EventId::new(ts, rnd()),
+        timestamp: ts,
+        actor: "system".into(),
+        actor_id: None,
+        event_type: event_type.into(),
+        resource_type: "user".into(),
+        resource_id: None,
+        change_request_id: None,
+        request_id: None,
+        payload: serde_json::json!({"n": 1, "nested": {"b": [1, 2], "a": null}}),
+    }
+}
+
+/// Runs `f` in a transaction of `db` and returns its value.
+fn tx<T>(db: &Db, f: impl FnOnce(&mut dyn nexplane_ports::Repo) -> Result<T, StoreError>) -> T {
+    transaction(db, f).unwrap()
+}
+
+fn seqs(events: &[AuditEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests (each runs on both backends)
+
+fn migrations_apply_once(t: &TestDb) {
+    // TestDb already migrated once: a second run, and a run from another pool, apply nothing.
+    assert_eq!(t.db.migrate().unwrap(), Vec::<String>::new());
+    let other = Db::connect(&t.url, opts()).unwrap();
+    assert_eq!(other.migrate().unwrap(), Vec::<String>::new());
+    assert_eq!(tx(&other, |r| r.count_users()), 0);
+}
+
+fn ping_answers(t: &TestDb) {
+    t.db.ping().unwrap();
+}
+
+fn users_crud_and_conflicts(t: &TestDb) {
+    let db = &t.db;
+    let alice = user("alice@example.com", at(0));
+    tx(db, |r| r.insert_user(&alice));
+
+    assert_eq!(tx(db, |r| r.get_user(&alice.id)), Some(alice.clone()));
+    assert_eq!(
+        tx(db, |r| r.get_user_by_email("alice@example.com")),
+        Some(alice.clone())
+    );
+    assert_eq!(tx(db, |r| r.get_user_by_email("nobody@example.com")), None);
+    assert_eq!(tx(db, |r| r.get_user(&UserId::new(at(5), 99_999))), None);
+
+    // Same email, other id → conflict on the email.
+    let dup = user("alice@example.com", at(1));
+    match transaction(db, |r| r.insert_user(&dup)) {
+        Err(StoreError::Conflict(target)) => assert_eq!(target, "users.email"),
+        other => panic!("expected a conflict on email, got {other:?}"),
+    }
+    // Same id → conflict on the primary key.
+    let mut same_id = user("other@example.com", at(1));
+    same_id.id = alice.id.clone();
+    match transaction(db, |r| r.insert_user(&same_id)) {
+        Err(StoreError::Conflict(target)) => assert_eq!(target, "users.id"),
+        other => panic!("expected a conflict on id, got {other:?}"),
+    }
+
+    // Update overwrites the mutable fields (not the email, not created_at).
+    let mut changed = alice.clone();
+    changed.name = "Alice Liddell".into();
+    changed.role = Role::Approver;
+    changed.password_hash = PasswordHash::new("$argon2id$new".into());
+    changed.disabled_at = Some(at(10));
+    changed.lock = LockState {
+        failed_logins: 3,
+        locked_until: Some(at(15)),
+    };
+    changed.updated_at = at(10);
+    tx(db, |r| r.update_user(&changed));
+    assert_eq!(tx(db, |r| r.get_user(&alice.id)), Some(changed.clone()));
+
+    let mut email_change = changed.clone();
+    email_change.email = "mallory@example.com".into();
+    tx(db, |r| r.update_user(&email_change));
+    assert_eq!(
+        tx(db, |r| r.get_user(&alice.id)).map(|u| u.email),
+        Some("alice@example.com".to_owned())
+    );
+
+    // Updating a user that does not exist is an error.
+    let ghost = user("ghost@example.com", at(20));
+    assert!(transaction(db, |r| r.update_user(&ghost)).is_err());
+
+    tx(db, |r| r.insert_user(&user("bob@example.com", at(30))));
+    assert_eq!(tx(db, |r| r.count_users()), 2);
+}
+
+fn conflict_keeps_transaction_usable(t: &TestDb) {
+    let db = &t.db;
+    let first = user("first@example.com", at(0));
+    tx(db, |r| r.insert_user(&first));
+    // Inside one transaction: a duplicate, then more work; the transaction still commits.
+    let second = user("second@example.com", at(1));
+    let outcome = tx(db, |r| {
+        let dup = r.insert_user(&user("first@example.com", at(2)));
+        r.insert_user(&second)?;
+        Ok((dup, r.count_users()?))
+    });
+    assert!(matches!(outcome.0, Err(StoreError::Conflict(_))));
+    assert_eq!(outcome.1, 2);
+    assert_eq!(tx(db, |r| r.count_users()), 2);
+}
+
+fn users_keyset_paging(t: &TestDb) {
+    let db = &t.db;
+    let mut ids: Vec<String> = Vec::new();
+    tx(db, |r| {
+        for i in 0..23 {
+            let u = user(&format!("user{i}@example.com"), at(i * 1000));
+            ids.push(u.id.as_str().to_owned());
+            r.insert_user(&u)?;
+        }
+        Ok(())
+    });
+    ids.sort();
+    ids.reverse(); // newest first
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut page = Page {
+        limit: 5,
+        after: None,
+    };
+    let mut pages = 0;
+    loop {
+        let batch = tx(db, |r| r.list_users(&page));
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() <= 5);
+        pages += 1;
+        page.after = batch.last().map(|u| u.id.as_str().to_owned());
+        seen.extend(batch.into_iter().map(|u| u.id.as_str().to_owned()));
+    }
+    assert_eq!(pages, 5);
+    assert_eq!(seen, ids, "pages in id order, no duplicates, no gaps");
+
+    // A page that ends exactly at the end, and a limit larger than the table.
+    let all = tx(db, |r| {
+        r.list_users(&Page {
+            limit: 500,
+            after: None,
+        })
+    });
+    assert_eq!(all.len(), 23);
+    let last_two = tx(db, |r| {
+        r.list_users(&Page {
+            limit: 2,
+            after: Some(ids[20].clone()),
+        })
+    });
+    assert_eq!(
+        last_two.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        vec![ids[21].as_str(), ids[22].as_str()]
+    );
+}
+
+fn sessions_and_join(t: &TestDb) {
+    let db = &t.db;
+    let carol = user("carol@example.com", at(0));
+    let s = session(&carol, at(100));
+    tx(db, |r| {
+        r.insert_user(&carol)?;
+        r.insert_session(&s)
+    });
+    assert_eq!(tx(db, |r| r.get_session(&s.id)), Some(s.clone()));
+    assert_eq!(
+        tx(db, |r| r.get_session_with_user(&s.id)),
+        Some((s.clone(), carol.clone()))
+    );
+    let missing = SessionId::new(at(1), 12_345);
+    assert_eq!(tx(db, |r| r.get_session(&missing)), None);
+    assert_eq!(tx(db, |r| r.get_session_with_user(&missing)), None);
+
+    // Revocation keeps the first time; revoking an unknown session is harmless.
+    tx(db, |r| r.revoke_session(&s.id, at(200)));
+    tx(db, |r| r.revoke_session(&s.id, at(300)));
+    tx(db, |r| r.revoke_session(&missing, at(300)));
+    let revoked = tx(db, |r| r.get_session(&s.id)).unwrap();
+    assert_eq!(revoked.revoked_at, Some(at(200)));
+    assert!(!revoked.is_active(at(250)));
+
+    // Foreign keys are enforced (SQLite: PRAGMA foreign_keys=ON on every connection).
+    let stranger = user("stranger@example.com", at(0));
+    let orphan = session(&stranger, at(0));
+    assert!(transaction(db, |r| r.insert_session(&orphan)).is_err());
+    assert_eq!(tx(db, |r| r.get_session(&orphan.id)), None);
+}
+
+fn refresh_token_spent_once(t: &TestDb) {
+    let db = &t.db;
+    let dave = user("dave@example.com", at(0));
+    let s = session(&dave, at(0));
+    let rec = token(&s, "aa11");
+    tx(db, |r| {
+        r.insert_user(&dave)?;
+        r.insert_session(&s)?;
+        r.insert_refresh_token(&rec)
+    });
+    assert_eq!(tx(db, |r| r.get_refresh_token("aa11")), Some(rec.clone()));
+    assert_eq!(tx(db, |r| r.get_refresh_token("nope")), None);
+
+    assert!(tx(db, |r| r.spend_refresh_token("aa11", at(10))));
+    assert!(!tx(db, |r| r.spend_refresh_token("aa11", at(20))));
+    assert!(!tx(db, |r| r.spend_refresh_token("nope", at(20))));
+    assert_eq!(
+        tx(db, |r| r.get_refresh_token("aa11")).unwrap().used_at,
+        Some(at(10))
+    );
+    // A duplicate hash is a conflict.
+    assert!(matches!(
+        transaction(db, |r| r.insert_refresh_token(&rec)),
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+fn refresh_token_race_has_one_winner(t: &TestDb) {
+    let db = &t.db;
+    let erin = user("erin@example.com", at(0));
+    let s = session(&erin, at(0));
+    const ROUNDS: usize = 15;
+    tx(db, |r| {
+        r.insert_user(&erin)?;
+        r.insert_session(&s)?;
+        for i in 0..ROUNDS {
+            r.insert_refresh_token(&token(&s, &format!("race{i}")))?;
+        }
+        Ok(())
+    });
+    let inside = db.backend() == Backend::Postgres;
+    for i in 0..ROUNDS {
+        let hash = format!("race{i}");
+        let barrier = Arc::new(Barrier::new(2));
+        let wins: Vec<bool> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|k| {
+                    let barrier = Arc::clone(&barrier);
+                    let hash = hash.clone();
+                    scope.spawn(move || {
+                        // SQLite transactions are IMMEDIATE, so the second one starts only
+                        // after the first commits: meet before. PostgreSQL: meet inside,
+                        // after both have read the token as unused.
+                        if !inside {
+                            barrier.wait();
+                        }
+                        transaction(db, |r| {
+                            // Read first, like the refresh use case, then spend.
+                            let rec = r.get_refresh_token(&hash)?;
+                            let rec = rec.expect("token exists");
+                            if inside {
+                                // Both saw it unused: only the conditional UPDATE decides.
+                                assert_eq!(rec.used_at, None);
+                                barrier.wait();
+                            }
+                            r.spend_refresh_token(&hash, at(k))
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "round {i}: {wins:?}"
+        );
+    }
+}
+
+fn verify_chain(db: &Db) -> ChainCheck {
+    let mut verifier = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let batch = tx(db, |r| r.scan_audit(after, 50));
+        if batch.is_empty() {
+            break;
+        }
+        for ev in &batch {
+            verifier.push(ev);
+        }
+        after = batch.last().map_or(after, |e| e.seq);
+    }
+    verifier.finish()
+}
+
+fn audit_chain_under_concurrent_writers(t: &TestDb) {
+    let db = &t.db;
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 15;
+    let barrier = Barrier::new(THREADS);
+    let appended: Vec<AuditEvent> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|k| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let mut mine = Vec::new();
+                    for i in 0..PER_THREAD {
+                        // Some transactions do other reads first, as use cases do.
+                        let ev = tx(db, |r| {
+                            if i % 2 == 0 {
+                                r.count_users()?;
+                            }
+                            let mut e = event("auth.login", at((k * 1000 + i) as i64));
+                            e.actor_id = Some(format!("usr_thread{k}"));
+                            r.append_audit(e)
+                        });
+                        mine.push(ev);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let total = (THREADS * PER_THREAD) as i64;
+    let distinct: HashSet<i64> = appended.iter().map(|e| e.seq).collect();
+    assert_eq!(distinct.len() as i64, total);
+    assert_eq!(distinct.iter().copied().max(), Some(total));
+    for ev in &appended {
+        assert!(ev.verify_hash());
+    }
+    match verify_chain(db) {
+        ChainCheck::Ok { events, head } => {
+            assert_eq!(events, total);
+            let last = appended.iter().max_by_key(|e| e.seq).unwrap();
+            assert_eq!(head, last.hash);
+        }
+        broken => panic!("chain broken: {broken:?}"),
+    }
+    // What was stored is exactly what append returned (payload JSON round-trips).
+    let stored = tx(db, |r| r.scan_audit(0, 1000));
+    let mut returned = appended.clone();
+    returned.sort_by_key(|e| e.seq);
+    assert_eq!(stored, returned);
+}
+
+fn audit_filters_and_bounds(t: &TestDb) {
+    let db = &t.db;
+    // Ten events, one per second from T0, with varied attributes.
+    let specs: Vec<NewAuditEvent> = (0..10)
+        .map(|i| {
+            let mut e = event(
+                if i % 3 == 0 {
+                    "change_request.created"
+                } else {
+                    "auth.login"
+                },
+                at(i * 1000),
+            );
+            e.actor_id = Some(if i % 2 == 0 { "usr_a" } else { "usr_b" }.into());
+            e.change_request_id = (i < 4).then(|| "cr_1".to_owned());
+            e.resource_type = if i < 5 { "user" } else { "connector" }.into();
+            e.resource_id = Some(format!("res_{}", i % 2));
+            e.request_id = Some(format!("req_{i}"));
+            e
+        })
+        .collect();
+    tx(db, |r| {
+        for e in specs {
+            r.append_audit(e)?;
+        }
+        Ok(())
+    });
+    let all = Page {
+        limit: 100,
+        after: None,
+    };
+    let list = |f: AuditFilter| seqs(&tx(db, |r| r.list_audit(&f, &all)));
+
+    assert_eq!(
+        list(AuditFilter::default()),
+        (1..=10).rev().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        list(AuditFilter {
+            change_request_id: Some("cr_1".into()),
+            ..Default::default()
+        }),
+        vec![4, 3, 2, 1]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            user_id: Some("usr_b".into()),
+            ..Default::default()
+        }),
+        vec![10, 8, 6, 4, 2]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            resource_type: Some("connector".into()),
+            ..Default::default()
+        }),
+        vec![10, 9, 8, 7, 6]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            resource_type: Some("user".into()),
+            resource_id: Some("res_0".into()),
+            ..Default::default()
+        }),
+        vec![5, 3, 1]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            resource_id: Some("res_1".into()),
+            ..Default::default()
+        }),
+        vec![10, 8, 6, 4, 2]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            event_type: Some("change_request.created".into()),
+            ..Default::default()
+        }),
+        vec![10, 7, 4, 1]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            event_type: Some("nothing.such".into()),
+            ..Default::default()
+        }),
+        Vec::<i64>::new()
+    );
+    // from is inclusive, to exclusive: [T0+2s, T0+5s) → events 3, 4, 5.
+    assert_eq!(
+        list(AuditFilter {
+            from: Some(at(2000)),
+            to: Some(at(5000)),
+            ..Default::default()
+        }),
+        vec![5, 4, 3]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            from: Some(at(9000)),
+            ..Default::default()
+        }),
+        vec![10]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            to: Some(at(1)),
+            ..Default::default()
+        }),
+        vec![1]
+    );
+    assert_eq!(
+        list(AuditFilter {
+            from: Some(at(1)),
+            to: Some(at(1000)),
+            ..Default::default()
+        }),
+        Vec::<i64>::new()
+    );
+    // Filters combine.
+    assert_eq!(
+        list(AuditFilter {
+            user_id: Some("usr_a".into()),
+            event_type: Some("auth.login".into()),
+            from: Some(at(1000)),
+            ..Default::default()
+        }),
+        vec![9, 5, 3]
+    );
+    // The stored fields come back as given.
+    let first = tx(db, |r| r.scan_audit(0, 1)).remove(0);
+    assert_eq!(first.request_id.as_deref(), Some("req_0"));
+    assert_eq!(first.change_request_id.as_deref(), Some("cr_1"));
+    assert_eq!(first.timestamp, at(0));
+}
+
+fn audit_paging(t: &TestDb) {
+    let db = &t.db;
+    tx(db, |r| {
+        for i in 0..12 {
+            let mut e = event("user.updated", at(i));
+            e.resource_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
+            r.append_audit(e)?;
+        }
+        Ok(())
+    });
+    // Unfiltered, pages of 5: 12..8, 7..3, 2..1.
+    let mut page = Page {
+        limit: 5,
+        after: None,
+    };
+    let mut got = Vec::new();
+    loop {
+        let batch = tx(db, |r| r.list_audit(&AuditFilter::default(), &page));
+        if batch.is_empty() {
+            break;
+        }
+        page.after = batch.last().map(|e| e.seq.to_string());
+        got.push(seqs(&batch));
+    }
+    assert_eq!(
+        got,
+        vec![vec![12, 11, 10, 9, 8], vec![7, 6, 5, 4, 3], vec![2, 1]]
+    );
+    // Filtered paging.
+    let filter = AuditFilter {
+        resource_id: Some("odd".into()),
+        ..Default::default()
+    };
+    let p1 = tx(db, |r| {
+        r.list_audit(
+            &filter,
+            &Page {
+                limit: 4,
+                after: None,
+            },
+        )
+    });
+    assert_eq!(seqs(&p1), vec![12, 10, 8, 6]);
+    let p2 = tx(db, |r| {
+        r.list_audit(
+            &filter,
+            &Page {
+                limit: 4,
+                after: Some("6".into()),
+            },
+        )
+    });
+    assert_eq!(seqs(&p2), vec![4, 2]);
+    // scan_audit is ascending from after_seq.
+    assert_eq!(seqs(&tx(db, |r| r.scan_audit(9, 10))), vec![10, 11, 12]);
+    assert_eq!(seqs(&tx(db, |r| r.scan_audit(0, 2))), vec![1, 2]);
+    // A cursor that is not a seq is refused.
+    assert!(transaction(db, |r| r.list_audit(
+        &AuditFilter::default(),
+        &Page {
+            limit: 5,
+            after: Some("evt_x".into()),
+        }
+    ))
+    .is_err());
+}
+
+#[derive(Debug, PartialEq)]
+enum AppError {
+    Store(StoreError),
+    Refused,
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError::Store(e)
+    }
+}
+
+fn failed_transaction_leaves_nothing(t: &TestDb) {
+    let db = &t.db;
+    let frank = user("frank@example.com", at(0));
+    let s = session(&frank, at(0));
+    let result: Result<(), AppError> = transaction(db, |r| {
+        r.insert_user(&frank)?;
+        r.insert_session(&s)?;
+        r.insert_refresh_token(&token(&s, "ff00"))?;
+        r.append_audit(event("user.created", at(0)))?;
+        Err(AppError::Refused)
+    });
+    assert_eq!(result, Err(AppError::Refused));
+    assert_eq!(tx(db, |r| r.count_users()), 0);
+    assert_eq!(tx(db, |r| r.get_session(&s.id)), None);
+    assert_eq!(tx(db, |r| r.get_refresh_token("ff00")), None);
+    assert!(tx(db, |r| r.scan_audit(0, 10)).is_empty());
+
+    // A store error inside the closure also rolls back what came before it.
+    let dup_target = user("grace@example.com", at(1));
+    tx(db, |r| r.insert_user(&dup_target));
+    let result: Result<(), StoreError> = transaction(db, |r| {
+        r.append_audit(event("user.created", at(2)))?;
+        r.insert_user(&user("grace@example.com", at(3)))
+    });
+    assert!(matches!(result, Err(StoreError::Conflict(_))));
+    assert!(tx(db, |r| r.scan_audit(0, 10)).is_empty());
+
+    // The chain continues from genesis after the rollbacks; a committed append is kept.
+    let ev = tx(db, |r| r.append_audit(event("user.created", at(4))));
+    assert_eq!(ev.seq, 1);
+    assert!(matches!(verify_chain(db), ChainCheck::Ok { events: 1, .. }));
+    // The pool still works after the failed transactions.
+    db.ping().unwrap();
+}
+
+fn swallowed_statement_error_rolls_back(t: &TestDb) {
+    let db = &t.db;
+    let heidi = user("heidi@example.com", at(0));
+    let orphan = session(&user("nobody@example.com", at(0)), at(0));
+    // The closure ignores a failed statement (a foreign-key violation) and returns Ok. On
+    // PostgreSQL that statement aborted the transaction; on both backends the store rolls
+    // back and reports the failure instead of committing half of the work.
+    let result = transaction(db, |r| {
+        r.insert_user(&heidi)?;
+        let ignored = r.insert_session(&orphan);
+        assert!(ignored.is_err());
+        Ok::<_, StoreError>(())
+    });
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(tx(db, |r| r.get_user(&heidi.id)), None);
+    // The next transaction on the pool is fine.
+    tx(db, |r| r.insert_user(&heidi));
+    assert_eq!(tx(db, |r| r.count_users()), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection failures (not per backend)
+
+#[test]
+fn unreachable_postgres_fails_fast_with_the_real_cause() {
+    let started = Instant::now();
+    let err = Db::connect(
+        "postgres://postgres@127.0.0.1:1/postgres",
+        DbOptions {
+            max_size: 2,
+            connect_timeout: Duration::from_secs(3),
+        },
+    )
+    .unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    match err {
+        StoreError::Unavailable(msg) => {
+            eprintln!("unreachable PostgreSQL after {elapsed:?}: {msg}");
+            assert!(
+                msg.to_lowercase().contains("connection refused"),
+                "message without the cause: {msg}"
+            );
+            assert!(!msg.contains("Invalid connection url"), "{msg}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[test]
+fn unsupported_scheme_is_refused() {
+    assert!(matches!(
+        Db::connect("mysql://localhost/db", DbOptions::default()),
+        Err(StoreError::Other(_))
+    ));
+}
+
+#[test]
+fn unusable_sqlite_path_reports_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    // The parent "directory" is a regular file.
+    let url = format!("sqlite://{}/db.sqlite", file.display());
+    match Db::connect(&url, DbOptions::default()) {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("cannot"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[test]
+fn dropped_postgres_database_is_unavailable_not_a_panic() {
+    let t = TestDb::postgres();
+    t.db.ping().unwrap();
+    // Terminate the pool's connections from outside, like a server restart.
+    let name = t.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = PgConnection::establish(&admin_url()).unwrap();
+    diesel::sql_query(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    ))
+    .execute(&mut admin)
+    .unwrap();
+    // The pool notices broken connections and reconnects.
+    let mut ok = false;
+    for _ in 0..3 {
+        if t.db.ping().is_ok() && transaction(&t.db, |r| r.count_users()).is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(
+        ok,
+        "the pool did not recover after the connections were killed"
+    );
+}
