@@ -84,7 +84,9 @@ fn is_ci() -> bool {
 
 fn describe(cmd: &Command) -> String {
     let args: Vec<_> = cmd.get_args().map(OsStr::to_string_lossy).collect();
-    format!("{} {}", cmd.get_program().to_string_lossy(), args.join(" "))
+    let program = Path::new(cmd.get_program());
+    let program = program.file_name().unwrap_or(program.as_os_str());
+    format!("{} {}", program.to_string_lossy(), args.join(" "))
 }
 
 /// Runs a command with inherited stdio and fails when it exits non-zero.
@@ -201,8 +203,14 @@ fn prepare_postgres() -> Result<String> {
     if postgres_ready(&url, &host, port) {
         return Ok(url);
     }
-    eprintln!("PostgreSQL at {host}:{port} does not answer; trying to start the local cluster");
-    let start_error = match start_local_postgres() {
+    let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1");
+    let started = if local {
+        eprintln!("PostgreSQL at {host}:{port} does not answer; starting the local cluster");
+        start_local_postgres()
+    } else {
+        Err(anyhow!("{host} is not this machine, so there is nothing to start here"))
+    };
+    let start_error = match started {
         Ok(()) => {
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
@@ -317,10 +325,18 @@ fn start_local_postgres() -> Result<()> {
         .output()
         .context("cannot run pg_ctlcluster (is postgresql-common installed?)")?;
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let said = format!(
+            "{} {}",
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        if said.contains("already running") {
+            bail!("the local cluster {version}/main is already running, but not at this address");
+        }
         bail!(
-            "`pg_ctlcluster --skip-systemctl-redirect {version} main start` failed: {}",
-            stderr.trim()
+            "`pg_ctlcluster --skip-systemctl-redirect {version} main start` failed ({}): {}",
+            output.status,
+            said.trim()
         );
     }
     Ok(())

@@ -246,7 +246,7 @@ fn who() -> impl Strategy<Value = Who> {
     ]
 }
 
-fn actor(who: &Who) -> Actor {
+fn actor_of(who: &Who) -> Actor {
     let id = |n: u128| UserId::new(Timestamp::from_millis(1), n);
     match who {
         Who::Requester(r) => Actor::user(id(REQUESTER), "req@example.com", *r),
@@ -396,7 +396,7 @@ fn start(s: &Scenario) -> ChangeRequest {
         target: target_for(s.change_type, 0, false),
         environment: s.environment,
     };
-    let requester = actor(&Who::Requester(s.requester_role));
+    let requester = actor_of(&Who::Requester(s.requester_role));
     match create(new, &requester, &s.policy, t0) {
         Ok((cr, _)) => cr,
         Err(e) => unreachable!("a valid create failed: {e}"),
@@ -411,7 +411,7 @@ fn run(s: &Scenario) -> Result<Vec<State>, TestCaseError> {
     for (i, (who, act)) in s.steps.iter().enumerate() {
         let now = Timestamp::from_secs(1_800_000_000 + 60 * (i as i64 + 1));
         let action = to_action(act, s.change_type);
-        let actor = actor(who);
+        let actor = actor_of(who);
         let want = expected(&cr, &action, &actor, &s.policy);
         let before = cr.clone();
         let result = apply(&cr, action.clone(), &actor, &s.policy, now);
@@ -475,7 +475,7 @@ fn run(s: &Scenario) -> Result<Vec<State>, TestCaseError> {
                 for w in [Who::Requester(Role::Admin), Who::Other(9, Role::Admin), Who::System] {
                     let a = to_action(&probe, s.change_type);
                     let kind = a.kind();
-                    let r = apply(&cr, a, &actor(&w), &s.policy, now);
+                    let r = apply(&cr, a, &actor_of(&w), &s.policy, now);
                     prop_assert_eq!(
                         r.err(),
                         Some(DomainError::InvalidTransition {

@@ -295,6 +295,8 @@ fn run_migrations<C>(
 where
     C: Connection<TransactionManager = AnsiTransactionManager> + MigrationHarness<C::Backend>,
 {
+    use diesel::connection::TransactionManager;
+
     fn apply<C>(
         c: &mut C,
         lock_sql: Option<&str>,
@@ -318,15 +320,16 @@ where
     AnsiTransactionManager::begin_transaction_sql(c, begin_sql).map_err(db_err)?;
     match apply(c, lock_sql, source) {
         Ok(names) => {
-            <AnsiTransactionManager as diesel::connection::TransactionManager<C>>::commit_transaction(c)
-                .map_err(db_err)?;
+            AnsiTransactionManager::commit_transaction(c).map_err(db_err)?;
             if !names.is_empty() {
                 tracing::info!(migrations = ?names, "database migrated");
             }
             Ok(names)
         }
         Err(e) => {
-            let _ = <AnsiTransactionManager as diesel::connection::TransactionManager<C>>::rollback_transaction(c);
+            // A failed rollback leaves the transaction manager in error: the pool then
+            // discards the connection.
+            let _ = AnsiTransactionManager::rollback_transaction(c);
             Err(StoreError::Other(format!("migration failed: {e}")))
         }
     }

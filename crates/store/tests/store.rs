@@ -74,6 +74,8 @@ impl Drop for PgDatabase {
 struct TestDb {
     db: Db,
     url: String,
+    /// What the first `migrate` applied.
+    applied: Vec<String>,
     _dir: Option<tempfile::TempDir>,
     _pg: Option<PgDatabase>,
 }
@@ -94,10 +96,11 @@ impl TestDb {
         let db = Db::connect(&url, opts()).unwrap();
         assert_eq!(db.backend(), Backend::Sqlite);
         assert!(path.exists());
-        db.migrate().unwrap();
+        let applied = db.migrate().unwrap();
         TestDb {
             db,
             url,
+            applied,
             _dir: Some(dir),
             _pg: None,
         }
@@ -119,10 +122,11 @@ impl TestDb {
         let url = with_database(&admin_url, &name);
         let db = Db::connect(&url, opts()).unwrap();
         assert_eq!(db.backend(), Backend::Postgres);
-        db.migrate().unwrap();
+        let applied = db.migrate().unwrap();
         TestDb {
             db,
             url,
+            applied,
             _dir: None,
             _pg: Some(guard),
         }
@@ -233,6 +237,10 @@ fn seqs(events: &[AuditEvent]) -> Vec<i64> {
 // Tests (each runs on both backends)
 
 fn migrations_apply_once(t: &TestDb) {
+    assert_eq!(
+        t.applied,
+        vec!["2026-12-01-000001_identity", "2026-12-01-000002_audit"]
+    );
     // TestDb already migrated once: a second run, and a run from another pool, apply nothing.
     assert_eq!(t.db.migrate().unwrap(), Vec::<String>::new());
     let other = Db::connect(&t.url, opts()).unwrap();
@@ -850,6 +858,24 @@ fn unreachable_postgres_fails_fast_with_the_real_cause() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
+}
+
+#[test]
+fn sqlite_file_is_private_and_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a").join("b").join("x.db");
+    // A bare path works as well as sqlite://PATH.
+    let db = Db::connect(path.to_str().unwrap(), opts()).unwrap();
+    db.migrate().unwrap();
+    tx(&db, |r| r.append_audit(event("user.created", at(0))));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    // WAL mode keeps a -wal file next to the database while connections are open.
+    assert!(dir.path().join("a").join("b").join("x.db-wal").exists());
 }
 
 #[test]
