@@ -53,7 +53,10 @@ fn build_release_server() -> Result<PathBuf> {
         .output()
         .context("cannot run cargo build")?;
     if !output.status.success() {
-        bail!("`cargo build --release --bin nexplane` failed ({})", output.status);
+        bail!(
+            "`cargo build --release --bin nexplane` failed ({})",
+            output.status
+        );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     stdout
@@ -82,10 +85,8 @@ impl Server {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
-        let data_dir = std::env::temp_dir().join(format!(
-            "nexplane-bench-{}-{nanos}",
-            std::process::id()
-        ));
+        let data_dir =
+            std::env::temp_dir().join(format!("nexplane-bench-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
         let bind = format!("127.0.0.1:{port}");
@@ -255,7 +256,6 @@ impl Load {
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
-
 }
 
 #[derive(Default)]

@@ -64,10 +64,7 @@ fn main() -> ExitCode {
 /// The workspace root (xtask lives one level below it).
 fn project_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .unwrap_or(manifest_dir)
-        .to_path_buf()
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
 /// The cargo that started us (set by `cargo run`), or the one on PATH.
@@ -107,7 +104,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn ci() -> Result<()> {
     type Step = (&'static str, fn() -> Result<()>);
     let steps: [Step; 5] = [
-        ("fmt", || run(cargo().args(["fmt", "--all", "--", "--check"]))),
+        ("fmt", || {
+            run(cargo().args(["fmt", "--all", "--", "--check"]))
+        }),
         ("clippy", || {
             run(cargo().args([
                 "clippy",
@@ -208,7 +207,9 @@ fn prepare_postgres() -> Result<String> {
         eprintln!("PostgreSQL at {host}:{port} does not answer; starting the local cluster");
         start_local_postgres()
     } else {
-        Err(anyhow!("{host} is not this machine, so there is nothing to start here"))
+        Err(anyhow!(
+            "{host} is not this machine, so there is nothing to start here"
+        ))
     };
     let start_error = match started {
         Ok(()) => {
@@ -314,7 +315,15 @@ fn start_local_postgres() -> Result<()> {
         .filter_map(|entry| entry.ok())
         .filter(|entry| entry.path().join("main").is_dir())
         .filter_map(|entry| entry.file_name().into_string().ok())
-        .map(|v| (v.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0), v))
+        .map(|v| {
+            (
+                v.split('.')
+                    .next()
+                    .and_then(|m| m.parse().ok())
+                    .unwrap_or(0),
+                v,
+            )
+        })
         .collect();
     versions.sort();
     let (_, version) = versions

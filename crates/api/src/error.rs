@@ -82,7 +82,13 @@ fn status_of(e: &AppError) -> (StatusCode, &'static str, &'static str) {
 }
 
 /// Builds a problem+json response.
-pub fn problem(status: StatusCode, code: &str, title: &str, detail: &str, extra: Value) -> HttpResponse {
+pub fn problem(
+    status: StatusCode,
+    code: &str,
+    title: &str,
+    detail: &str,
+    extra: Value,
+) -> HttpResponse {
     let mut body = json!({
         "type": format!("urn:nexplane:error:{code}"),
         "title": title,
@@ -131,7 +137,10 @@ impl ResponseError for ApiError {
             other => other.to_string(),
         };
         let mut resp = problem(status, code, title, &detail, extra);
-        if let AppError::TooManyRequests { retry_after_secs, .. } = &self.inner {
+        if let AppError::TooManyRequests {
+            retry_after_secs, ..
+        } = &self.inner
+        {
             if let Ok(v) = header::HeaderValue::from_str(&retry_after_secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }

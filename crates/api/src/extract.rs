@@ -8,9 +8,9 @@ use futures_util::future::LocalBoxFuture;
 use nexplane_app::ratelimit::RateDecision;
 use nexplane_app::{AppError, RequestCtx};
 use nexplane_domain::Principal;
+use paperclip::actix::OperationModifier;
 use paperclip::v2::models::{DefaultOperationRaw, DefaultSchemaRaw};
 use paperclip::v2::schema::Apiv2Schema;
-use paperclip::actix::OperationModifier;
 use std::collections::BTreeMap;
 
 /// The request id, set by the framing middleware.

@@ -10,6 +10,7 @@
 mod dto;
 mod error;
 mod extract;
+mod metrics;
 mod middleware;
 pub mod openapi;
 mod respond;
@@ -33,7 +34,9 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 pub(crate) type LoginGovernor = actix_governor::Governor<
     middleware::LoginKey,
-    actix_governor::governor::middleware::NoOpMiddleware<actix_governor::governor::clock::QuantaInstant>,
+    actix_governor::governor::middleware::NoOpMiddleware<
+        actix_governor::governor::clock::QuantaInstant,
+    >,
 >;
 
 /// Maps a JSON body error to the right status: syntax → 400, content (unknown field, wrong
@@ -124,7 +127,11 @@ pub fn build_app(
     let governor = login_governor(state.config.login_rate_limit_per_minute);
     actix_web::App::new()
         .app_data(state.clone())
-        .app_data(aweb::JsonConfig::default().limit(MAX_BODY_BYTES).error_handler(json_payload_error))
+        .app_data(
+            aweb::JsonConfig::default()
+                .limit(MAX_BODY_BYTES)
+                .error_handler(json_payload_error),
+        )
         .app_data(aweb::PayloadConfig::default().limit(MAX_BODY_BYTES))
         .app_data(aweb::QueryConfig::default().error_handler(query_error))
         .app_data(aweb::PathConfig::default().error_handler(path_error))
@@ -136,6 +143,7 @@ pub fn build_app(
         .with_json_spec_v3_at(openapi::RAW_SPEC_PATH)
         .with_swagger_ui_at("/docs")
         .build()
+        .route("/metrics", aweb::get().to(metrics::metrics))
         .default_service(aweb::to(middleware::not_found))
 }
 

@@ -185,7 +185,9 @@ impl actix_governor::KeyExtractor for LoginKey {
 
     fn exceed_rate_limit_response(
         &self,
-        negative: &actix_governor::governor::NotUntil<actix_governor::governor::clock::QuantaInstant>,
+        negative: &actix_governor::governor::NotUntil<
+            actix_governor::governor::clock::QuantaInstant,
+        >,
         _response: actix_web::HttpResponseBuilder,
     ) -> HttpResponse {
         use actix_governor::governor::clock::{Clock, DefaultClock};

@@ -107,7 +107,10 @@ fn finish(mut spec: Value) -> Value {
             }
             if method != "get" || path == "/users" || path == "/audit" {
                 add("400", "malformed JSON or query");
-                add("422", "invalid content (unknown field, wrong type, failed rule)");
+                add(
+                    "422",
+                    "invalid content (unknown field, wrong type, failed rule)",
+                );
             }
             if method == "post" || method == "put" {
                 add("409", "state conflict (duplicate, invalid transition)");

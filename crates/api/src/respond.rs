@@ -24,7 +24,11 @@ fn json_response<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
     }
 }
 
-fn insert_response<T: Apiv2Schema>(op: &mut DefaultOperationRaw, status: StatusCode, headers: &[(&str, &str)]) {
+fn insert_response<T: Apiv2Schema>(
+    op: &mut DefaultOperationRaw,
+    status: StatusCode,
+    headers: &[(&str, &str)],
+) {
     let mut def = T::schema_with_ref();
     def.retain_ref();
     op.responses.insert(
@@ -78,7 +82,11 @@ impl<T: Apiv2Schema> Apiv2Schema for Created<T> {
 }
 impl<T: Apiv2Schema> OperationModifier for Created<T> {
     fn update_response(op: &mut DefaultOperationRaw) {
-        insert_response::<T>(op, StatusCode::CREATED, &[("Location", "URL of the new resource")]);
+        insert_response::<T>(
+            op,
+            StatusCode::CREATED,
+            &[("Location", "URL of the new resource")],
+        );
     }
 }
 
@@ -128,7 +136,10 @@ impl<T: Apiv2Schema> OperationModifier for Paged<T> {
             StatusCode::OK,
             &[
                 ("Link", "`<…&cursor=…>; rel=\"next\"` when more items exist"),
-                ("X-Next-Cursor", "cursor of the next page when more items exist"),
+                (
+                    "X-Next-Cursor",
+                    "cursor of the next page when more items exist",
+                ),
             ],
         );
     }
@@ -160,10 +171,19 @@ pub fn decode_cursor(c: Option<&str>) -> Result<Option<String>, ApiError> {
 }
 
 /// Cuts a `limit + 1` fetch down to `limit` and computes the next cursor from `key`.
-pub fn paginate<T, U>(mut rows: Vec<T>, limit: u32, key: impl Fn(&T) -> String, map: impl Fn(&T) -> U) -> Paged<U> {
+pub fn paginate<T, U>(
+    mut rows: Vec<T>,
+    limit: u32,
+    key: impl Fn(&T) -> String,
+    map: impl Fn(&T) -> U,
+) -> Paged<U> {
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
-    let next_cursor = if more { rows.last().map(|r| encode_cursor(&key(r))) } else { None };
+    let next_cursor = if more {
+        rows.last().map(|r| encode_cursor(&key(r)))
+    } else {
+        None
+    };
     Paged {
         items: rows.iter().map(map).collect(),
         next_cursor,

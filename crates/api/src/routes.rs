@@ -162,7 +162,9 @@ impl paperclip::actix::OperationModifier for HealthReply {
 /// Liveness: answers without touching the database. Public.
 #[api_v2_operation(tags(Health))]
 pub(crate) async fn live() -> Result<web::Json<LiveResponse>, ApiError> {
-    Ok(web::Json(LiveResponse { status: "ok".into() }))
+    Ok(web::Json(LiveResponse {
+        status: "ok".into(),
+    }))
 }
 
 /// List users (any role), newest first.
@@ -176,9 +178,17 @@ pub(crate) async fn list_users(
     let limit = check_limit(q.limit)?;
     let after = decode_cursor(q.cursor.as_deref())?;
     let app = state.app.clone();
-    let page = Page { limit: limit + 1, after };
+    let page = Page {
+        limit: limit + 1,
+        after,
+    };
     let rows = run(&ctx, move || app.list_users(&auth.0, &page)).await?;
-    Ok(paginate(rows, limit, |u| u.id.to_string(), |u| UserDto::from(u)))
+    Ok(paginate(
+        rows,
+        limit,
+        |u| u.id.to_string(),
+        |u| UserDto::from(u),
+    ))
 }
 
 /// Create a user (admin).
@@ -315,9 +325,17 @@ pub(crate) async fn list_audit(
         to: parse_time("to", q.to.as_deref())?,
     };
     let app = state.app.clone();
-    let page = Page { limit: limit + 1, after };
+    let page = Page {
+        limit: limit + 1,
+        after,
+    };
     let rows = run(&ctx, move || app.list_audit(&auth.0, &filter, &page)).await?;
-    Ok(paginate(rows, limit, |e| e.seq.to_string(), |e| AuditEventDto::from(e)))
+    Ok(paginate(
+        rows,
+        limit,
+        |e| e.seq.to_string(),
+        |e| AuditEventDto::from(e),
+    ))
 }
 
 /// Verify the audit hash chain (admin): reports the first altered or missing event.

@@ -62,7 +62,7 @@ impl TokenCache {
 }
 
 enum RefreshOutcome {
-    Issued(Session, User, SecretString),
+    Issued(Box<(Session, User, SecretString)>),
     Reused,
     Refused,
 }
@@ -208,10 +208,15 @@ impl App {
                 expires_at: session.expires_at,
                 used_at: None,
             })?;
-            Ok::<_, AppError>(RefreshOutcome::Issued(session, user, new_refresh.clone()))
+            Ok::<_, AppError>(RefreshOutcome::Issued(Box::new((
+                session,
+                user,
+                new_refresh.clone(),
+            ))))
         })?;
         match outcome {
-            RefreshOutcome::Issued(session, user, refresh) => {
+            RefreshOutcome::Issued(b) => {
+                let (session, user, refresh) = *b;
                 self.issue(&user, &session, refresh, now)
             }
             RefreshOutcome::Reused => Err(AppError::Unauthorized(

@@ -158,10 +158,7 @@ pub(crate) enum Actor<'a> {
     /// An authenticated user.
     User(&'a Principal),
     /// A user known by email (e.g. a failed login), with their id when known.
-    Named {
-        email: &'a str,
-        id: Option<&'a str>,
-    },
+    Named { email: &'a str, id: Option<&'a str> },
     /// The server itself.
     System,
 }

@@ -30,9 +30,8 @@ pub struct UserPatch {
 }
 
 fn parse_role(field: &str, s: &str) -> Result<Role, AppError> {
-    Role::parse(s).ok_or_else(|| {
-        AppError::field(field, "must be one of admin, operator, approver, viewer")
-    })
+    Role::parse(s)
+        .ok_or_else(|| AppError::field(field, "must be one of admin, operator, approver, viewer"))
 }
 
 fn not_found(id: &str) -> AppError {
@@ -92,8 +91,12 @@ impl App {
 
     fn build_user(&self, input: NewUser) -> Result<User, AppError> {
         let mut errors = Vec::new();
-        let email = normalize_email("email", &input.email).map_err(|e| errors.push(e)).ok();
-        let name = normalize_name("name", &input.name).map_err(|e| errors.push(e)).ok();
+        let email = normalize_email("email", &input.email)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let name = normalize_name("name", &input.name)
+            .map_err(|e| errors.push(e))
+            .ok();
         let role = Role::parse(&input.role);
         if role.is_none() {
             errors.push(nexplane_domain::FieldError::new(
@@ -191,7 +194,11 @@ impl App {
                 r,
                 ctx,
                 Actor::User(p),
-                if disabled_now { "user.disabled" } else { "user.updated" },
+                if disabled_now {
+                    "user.disabled"
+                } else {
+                    "user.updated"
+                },
                 "user",
                 Some(u.id.as_str()),
                 serde_json::Value::Object(changed),

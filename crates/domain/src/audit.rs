@@ -249,6 +249,7 @@ fn write_canonical(v: &Value, out: &mut String) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -272,7 +273,11 @@ mod tests {
         let mut prev = GENESIS_HASH.to_owned();
         (0..n)
             .map(|i| {
-                let ev = AuditEvent::chain(new(i as u128, serde_json::json!({"i": i})), i as i64 + 1, &prev);
+                let ev = AuditEvent::chain(
+                    new(i as u128, serde_json::json!({"i": i})),
+                    i as i64 + 1,
+                    &prev,
+                );
                 prev = ev.hash.clone();
                 ev
             })
@@ -289,15 +294,33 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys() {
-        let ev = AuditEvent::chain(new(1, serde_json::json!({"b": 1, "a": {"d": 2, "c": 3}})), 1, GENESIS_HASH);
-        assert!(ev.canonical_json().contains(r#""payload":{"a":{"c":3,"d":2},"b":1}"#));
+        let ev = AuditEvent::chain(
+            new(1, serde_json::json!({"b": 1, "a": {"d": 2, "c": 3}})),
+            1,
+            GENESIS_HASH,
+        );
+        assert!(ev
+            .canonical_json()
+            .contains(r#""payload":{"a":{"c":3,"d":2},"b":1}"#));
     }
 
     #[test]
     fn intact_chain_verifies() {
         let evs = chain(5);
-        assert_eq!(check(&evs), ChainCheck::Ok { events: 5, head: evs[4].hash.clone() });
-        assert_eq!(check(&[]), ChainCheck::Ok { events: 0, head: GENESIS_HASH.into() });
+        assert_eq!(
+            check(&evs),
+            ChainCheck::Ok {
+                events: 5,
+                head: evs[4].hash.clone()
+            }
+        );
+        assert_eq!(
+            check(&[]),
+            ChainCheck::Ok {
+                events: 0,
+                head: GENESIS_HASH.into()
+            }
+        );
     }
 
     #[test]

@@ -32,9 +32,11 @@
 //! ([`crate::change_type::find_builtin`]).
 
 use crate::audit::{NewAuditEvent, SYSTEM_ACTOR};
-use crate::change_type::{find_builtin, ChangeType, ConnectorType};
 use crate::auth::Principal;
-use crate::{ChangeRequestId, ConnectorId, EventId, FieldError, Permission, Role, Timestamp, UserId};
+use crate::change_type::{find_builtin, ChangeType, ConnectorType};
+use crate::{
+    ChangeRequestId, ConnectorId, EventId, FieldError, Permission, Role, Timestamp, UserId,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::fmt;
@@ -968,13 +970,13 @@ pub fn apply(
                 "required_approvals": next.required_approvals,
             });
             if changed.contains(&"title") {
-                p["title"] = json!(next.title);
+                set(&mut p, "title", json!(next.title));
             }
             if changed.contains(&"target") {
-                p["target"] = next.redacted_target();
+                set(&mut p, "target", next.redacted_target());
             }
             if changed.contains(&"environment") {
-                p["environment"] = json!(next.environment);
+                set(&mut p, "environment", json!(next.environment));
             }
             (EventType::Updated, p)
         }
@@ -1073,7 +1075,8 @@ pub fn apply(
             (ev, json!({ "applied_steps": applied_steps }))
         }
         Action::Rollback => {
-            let rollback_possible = find_builtin(&cr.change_type).is_some_and(|ct| ct.has_rollback());
+            let rollback_possible =
+                find_builtin(&cr.change_type).is_some_and(|ct| ct.has_rollback());
             if !rollback_possible {
                 return Err(DomainError::RollbackUnsupported {
                     change_type: cr.change_type.clone(),
@@ -1097,8 +1100,8 @@ pub fn apply(
             (ev, json!({}))
         }
     };
-    payload["from_state"] = json!(from);
-    payload["to_state"] = json!(next.state);
+    set(&mut payload, "from_state", json!(from));
+    set(&mut payload, "to_state", json!(next.state));
     let ev = event(&next, event_type, actor, now, payload);
     Ok((next, vec![ev]))
 }
@@ -1186,7 +1189,10 @@ fn authorize(
             kind,
             "job results are reported by the server, not by users",
         )),
-        ActionKind::Create => Err(forbidden(kind, "create is not an action on a change request")),
+        ActionKind::Create => Err(forbidden(
+            kind,
+            "create is not an action on a change request",
+        )),
     }
 }
 
@@ -1257,7 +1263,10 @@ fn check_title(title: &str, errors: &mut Vec<FieldError>) -> String {
             format!("must be at most {TITLE_MAX_CHARS} characters"),
         ));
     } else if t.chars().any(char::is_control) {
-        errors.push(FieldError::new("title", "must not contain control characters"));
+        errors.push(FieldError::new(
+            "title",
+            "must not contain control characters",
+        ));
     }
     t.to_owned()
 }
@@ -1281,6 +1290,13 @@ fn check_comment(field: &str, comment: Option<String>) -> Result<Option<String>,
         )]));
     }
     Ok((!c.is_empty()).then(|| c.to_owned()))
+}
+
+/// Adds `key` to a payload object (payloads are always objects).
+fn set(payload: &mut Value, key: &str, value: Value) {
+    if let Some(obj) = payload.as_object_mut() {
+        obj.insert(key.to_owned(), value);
+    }
 }
 
 fn redact_target(target: &Value) -> Value {
@@ -1314,6 +1330,7 @@ fn event(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::SessionId;
@@ -1331,7 +1348,8 @@ mod tests {
     }
 
     fn new_cr(change_type: &str, target: Value, env: Environment) -> NewChangeRequest {
-        let agent = find_builtin(change_type).is_some_and(|c| c.connector_type == ConnectorType::Agent);
+        let agent =
+            find_builtin(change_type).is_some_and(|c| c.connector_type == ConnectorType::Agent);
         NewChangeRequest {
             id: ChangeRequestId::new(t(0), 100),
             title: "  Rotate prod-deploy IAM key ".into(),
@@ -1345,15 +1363,23 @@ mod tests {
 
     fn rotate() -> NewChangeRequest {
         // 5 + 0 (development) → medium → 1 approval
-        new_cr("rotate_iam_access_key", json!({"iam_user": "prod-deploy"}), Environment::Development)
+        new_cr(
+            "rotate_iam_access_key",
+            json!({"iam_user": "prod-deploy"}),
+            Environment::Development,
+        )
     }
 
     fn draft(new: NewChangeRequest) -> ChangeRequest {
-        create(new, &requester(), &Policy::default(), t(0)).unwrap().0
+        create(new, &requester(), &Policy::default(), t(0))
+            .unwrap()
+            .0
     }
 
     fn step(cr: &ChangeRequest, action: Action, actor: &Actor) -> ChangeRequest {
-        apply(cr, action, actor, &Policy::default(), t(1)).unwrap().0
+        apply(cr, action, actor, &Policy::default(), t(1))
+            .unwrap()
+            .0
     }
 
     fn approve() -> Action {
@@ -1376,7 +1402,14 @@ mod tests {
 
     fn finished(new: NewChangeRequest, success: bool, applied_steps: u32) -> ChangeRequest {
         let cr = step(&approved(new), Action::Execute, &requester());
-        step(&cr, Action::ExecutionFinished { success, applied_steps }, &Actor::System)
+        step(
+            &cr,
+            Action::ExecutionFinished {
+                success,
+                applied_steps,
+            },
+            &Actor::System,
+        )
     }
 
     fn err(cr: &ChangeRequest, action: Action, actor: &Actor, policy: &Policy) -> DomainError {
@@ -1409,7 +1442,11 @@ mod tests {
         assert_eq!(ev.payload["risk"]["level"], "medium");
 
         assert!(create(rotate(), &user(2, Role::Admin), &Policy::default(), t(0)).is_ok());
-        for actor in [user(3, Role::Approver), user(4, Role::Viewer), Actor::System] {
+        for actor in [
+            user(3, Role::Approver),
+            user(4, Role::Viewer),
+            Actor::System,
+        ] {
             let e = create(rotate(), &actor, &Policy::default(), t(0)).unwrap_err();
             assert!(is_forbidden(&e), "{actor:?}: {e}");
         }
@@ -1422,20 +1459,41 @@ mod tests {
         bad.description = "x".repeat(DESCRIPTION_MAX_CHARS + 1);
         bad.connector_id = None;
         bad.target = json!({"iam_user": "a b", "targte": 1});
-        let DomainError::Validation(errors) = create(bad, &requester(), &Policy::default(), t(0)).unwrap_err() else {
+        let DomainError::Validation(errors) =
+            create(bad, &requester(), &Policy::default(), t(0)).unwrap_err()
+        else {
             panic!("expected a validation error");
         };
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["title", "description", "connector_id", "target.iam_user", "target.targte"]);
+        assert_eq!(
+            fields,
+            [
+                "title",
+                "description",
+                "connector_id",
+                "target.iam_user",
+                "target.targte"
+            ]
+        );
 
         let mut unknown = rotate();
         unknown.change_type = "reboot_the_world".into();
         let e = create(unknown, &requester(), &Policy::default(), t(0)).unwrap_err();
-        assert_eq!(e, DomainError::Validation(vec![FieldError::new("change_type", "is not a known change type")]));
+        assert_eq!(
+            e,
+            DomainError::Validation(vec![FieldError::new(
+                "change_type",
+                "is not a known change type"
+            )])
+        );
         assert_eq!(e.code(), "validation_failed");
 
         let agent_target = json!({"agent_id": "agt_01jef8z7q3m4n5p6r7s8t9v0wx", "path": "/etc/motd", "content": "hi"});
-        let mut with_conn = new_cr("agent_write_file", agent_target.clone(), Environment::Production);
+        let mut with_conn = new_cr(
+            "agent_write_file",
+            agent_target.clone(),
+            Environment::Production,
+        );
         with_conn.connector_id = Some(ConnectorId::new(t(0), 1));
         let e = create(with_conn, &requester(), &Policy::default(), t(0)).unwrap_err();
         assert!(matches!(&e, DomainError::Validation(v) if v[0].field == "connector_id"));
@@ -1446,14 +1504,54 @@ mod tests {
     #[test]
     fn risk_scores_and_levels() {
         let cases = [
-            ("start_ec2_instance", Environment::Development, 2, RiskLevel::Low),
-            ("start_ec2_instance", Environment::Staging, 3, RiskLevel::Low),
-            ("deactivate_iam_access_key", Environment::Development, 4, RiskLevel::Medium),
-            ("rotate_iam_access_key", Environment::Staging, 6, RiskLevel::Medium),
-            ("rotate_iam_access_key", Environment::Production, 7, RiskLevel::High),
-            ("delete_iam_access_key", Environment::Development, 8, RiskLevel::High),
-            ("stop_ec2_instance", Environment::Production, 9, RiskLevel::High),
-            ("delete_iam_access_key", Environment::Production, 10, RiskLevel::Critical),
+            (
+                "start_ec2_instance",
+                Environment::Development,
+                2,
+                RiskLevel::Low,
+            ),
+            (
+                "start_ec2_instance",
+                Environment::Staging,
+                3,
+                RiskLevel::Low,
+            ),
+            (
+                "deactivate_iam_access_key",
+                Environment::Development,
+                4,
+                RiskLevel::Medium,
+            ),
+            (
+                "rotate_iam_access_key",
+                Environment::Staging,
+                6,
+                RiskLevel::Medium,
+            ),
+            (
+                "rotate_iam_access_key",
+                Environment::Production,
+                7,
+                RiskLevel::High,
+            ),
+            (
+                "delete_iam_access_key",
+                Environment::Development,
+                8,
+                RiskLevel::High,
+            ),
+            (
+                "stop_ec2_instance",
+                Environment::Production,
+                9,
+                RiskLevel::High,
+            ),
+            (
+                "delete_iam_access_key",
+                Environment::Production,
+                10,
+                RiskLevel::Critical,
+            ),
         ];
         for (name, env, score, level) in cases {
             let r = Risk::assess(find_builtin(name).unwrap(), env);
@@ -1475,7 +1573,12 @@ mod tests {
         for s in 0..=20u8 {
             let l = RiskLevel::from_score(s);
             let c = s.clamp(1, 10);
-            let want = match c { 1..=3 => RiskLevel::Low, 4..=6 => RiskLevel::Medium, 7..=9 => RiskLevel::High, _ => RiskLevel::Critical };
+            let want = match c {
+                1..=3 => RiskLevel::Low,
+                4..=6 => RiskLevel::Medium,
+                7..=9 => RiskLevel::High,
+                _ => RiskLevel::Critical,
+            };
             assert_eq!(l, want);
         }
         let v = serde_json::to_value(&r).unwrap();
@@ -1486,12 +1589,35 @@ mod tests {
     fn required_approvals_follow_the_policy() {
         let p = Policy::default();
         assert_eq!(
-            [RiskLevel::Low, RiskLevel::Medium, RiskLevel::High, RiskLevel::Critical].map(|l| p.required_approvals.for_level(l)),
+            [
+                RiskLevel::Low,
+                RiskLevel::Medium,
+                RiskLevel::High,
+                RiskLevel::Critical
+            ]
+            .map(|l| p.required_approvals.for_level(l)),
             [1, 1, 2, 2]
         );
-        let zero = RequiredApprovals { low: 0, medium: 0, high: 0, critical: 0 };
-        assert_eq!(zero.for_level(RiskLevel::Critical), 1, "at least one approval, always");
-        let strict = Policy { allow_self_approval: false, required_approvals: RequiredApprovals { low: 1, medium: 3, high: 3, critical: 4 } };
+        let zero = RequiredApprovals {
+            low: 0,
+            medium: 0,
+            high: 0,
+            critical: 0,
+        };
+        assert_eq!(
+            zero.for_level(RiskLevel::Critical),
+            1,
+            "at least one approval, always"
+        );
+        let strict = Policy {
+            allow_self_approval: false,
+            required_approvals: RequiredApprovals {
+                low: 1,
+                medium: 3,
+                high: 3,
+                critical: 4,
+            },
+        };
         let (cr, _) = create(rotate(), &requester(), &strict, t(0)).unwrap();
         assert_eq!(cr.required_approvals, 3);
     }
@@ -1505,32 +1631,78 @@ mod tests {
             target: Some(json!({"iam_user": "ci", "access_key_id": "AKIAIOSFODNN7EXAMPLE"})),
             environment: env,
         };
-        let (e1, events) = apply(&cr, edit(Some(Environment::Production)), &requester(), &Policy::default(), t(3)).unwrap();
+        let (e1, events) = apply(
+            &cr,
+            edit(Some(Environment::Production)),
+            &requester(),
+            &Policy::default(),
+            t(3),
+        )
+        .unwrap();
         assert_eq!(e1.state, State::Draft);
         assert_eq!(e1.title, "New title");
         assert_eq!(e1.target["iam_user"], "ci");
         assert_eq!(e1.updated_at, t(3));
-        assert_eq!((e1.risk.score, e1.risk.level, e1.required_approvals), (7, RiskLevel::High, 2));
+        assert_eq!(
+            (e1.risk.score, e1.risk.level, e1.required_approvals),
+            (7, RiskLevel::High, 2)
+        );
         assert_eq!(events[0].event_type, EventType::Updated);
-        assert_eq!(events[0].payload["changed"], json!(["title", "target", "environment"]));
+        assert_eq!(
+            events[0].payload["changed"],
+            json!(["title", "target", "environment"])
+        );
         assert_eq!(events[0].payload["from_state"], "draft");
 
-        assert!(apply(&cr, edit(None), &user(2, Role::Admin), &Policy::default(), t(3)).is_ok());
-        for actor in [user(2, Role::Operator), user(3, Role::Approver), user(4, Role::Viewer), Actor::System] {
-            assert!(is_forbidden(&err(&cr, edit(None), &actor, &Policy::default())), "{actor:?}");
+        assert!(apply(
+            &cr,
+            edit(None),
+            &user(2, Role::Admin),
+            &Policy::default(),
+            t(3)
+        )
+        .is_ok());
+        for actor in [
+            user(2, Role::Operator),
+            user(3, Role::Approver),
+            user(4, Role::Viewer),
+            Actor::System,
+        ] {
+            assert!(
+                is_forbidden(&err(&cr, edit(None), &actor, &Policy::default())),
+                "{actor:?}"
+            );
         }
         // A requester whose role was lowered to viewer can no longer edit.
         let demoted = Actor::user(cr.requested_by.clone(), "u1@example.com", Role::Viewer);
-        assert!(is_forbidden(&err(&cr, edit(None), &demoted, &Policy::default())));
+        assert!(is_forbidden(&err(
+            &cr,
+            edit(None),
+            &demoted,
+            &Policy::default()
+        )));
 
-        let bad = Action::Edit { title: Some(String::new()), description: None, target: Some(json!({})), environment: None };
-        let DomainError::Validation(v) = err(&cr, bad, &requester(), &Policy::default()) else { panic!() };
-        assert_eq!(v.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["title", "target.iam_user"]);
+        let bad = Action::Edit {
+            title: Some(String::new()),
+            description: None,
+            target: Some(json!({})),
+            environment: None,
+        };
+        let DomainError::Validation(v) = err(&cr, bad, &requester(), &Policy::default()) else {
+            panic!()
+        };
+        assert_eq!(
+            v.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(),
+            ["title", "target.iam_user"]
+        );
 
         let s = submitted(rotate());
         assert_eq!(
             err(&s, edit(None), &requester(), &Policy::default()),
-            DomainError::InvalidTransition { state: State::Submitted, action: ActionKind::Edit }
+            DomainError::InvalidTransition {
+                state: State::Submitted,
+                action: ActionKind::Edit
+            }
         );
     }
 
@@ -1538,47 +1710,107 @@ mod tests {
     fn audit_payloads_never_carry_file_content() {
         let secret = "db_password=hunter2hunter2";
         let target = json!({"agent_id": "agt_01jef8z7q3m4n5p6r7s8t9v0wx", "path": "/etc/app.env", "content": secret});
-        let (cr, events) = create(new_cr("agent_write_file", target.clone(), Environment::Staging), &requester(), &Policy::default(), t(0)).unwrap();
-        assert_eq!(cr.target["content"], secret, "the change request keeps the content");
+        let (cr, events) = create(
+            new_cr("agent_write_file", target.clone(), Environment::Staging),
+            &requester(),
+            &Policy::default(),
+            t(0),
+        )
+        .unwrap();
+        assert_eq!(
+            cr.target["content"], secret,
+            "the change request keeps the content"
+        );
         let mut new_target = target;
         new_target["content"] = json!("db_password=other-secret");
-        let edit = Action::Edit { title: None, description: None, target: Some(new_target), environment: None };
+        let edit = Action::Edit {
+            title: None,
+            description: None,
+            target: Some(new_target),
+            environment: None,
+        };
         let (_, more) = apply(&cr, edit, &requester(), &Policy::default(), t(1)).unwrap();
         for ev in events.iter().chain(&more) {
             let text = ev.payload.to_string();
-            assert!(!text.contains("hunter2") && !text.contains("other-secret"), "{text}");
+            assert!(
+                !text.contains("hunter2") && !text.contains("other-secret"),
+                "{text}"
+            );
             let shown = ev.payload["target"]["content"].as_str().unwrap();
-            assert!(shown.starts_with("[redacted: ") && shown.ends_with(" bytes]"), "{shown}");
+            assert!(
+                shown.starts_with("[redacted: ") && shown.ends_with(" bytes]"),
+                "{shown}"
+            );
         }
     }
 
     #[test]
     fn submit_by_requester_or_admin() {
         let cr = draft(rotate());
-        let (s, events) = apply(&cr, Action::Submit, &requester(), &Policy::default(), t(2)).unwrap();
+        let (s, events) =
+            apply(&cr, Action::Submit, &requester(), &Policy::default(), t(2)).unwrap();
         assert_eq!(s.state, State::Submitted);
         assert_eq!(s.submitted_at, Some(t(2)));
         assert_eq!(events[0].event_type, EventType::Submitted);
-        assert!(apply(&cr, Action::Submit, &user(2, Role::Admin), &Policy::default(), t(2)).is_ok());
-        assert!(is_forbidden(&err(&cr, Action::Submit, &user(2, Role::Operator), &Policy::default())));
-        assert!(is_forbidden(&err(&cr, Action::Submit, &user(2, Role::Approver), &Policy::default())));
+        assert!(apply(
+            &cr,
+            Action::Submit,
+            &user(2, Role::Admin),
+            &Policy::default(),
+            t(2)
+        )
+        .is_ok());
+        assert!(is_forbidden(&err(
+            &cr,
+            Action::Submit,
+            &user(2, Role::Operator),
+            &Policy::default()
+        )));
+        assert!(is_forbidden(&err(
+            &cr,
+            Action::Submit,
+            &user(2, Role::Approver),
+            &Policy::default()
+        )));
         // The policy in force at submission decides the number of approvals.
-        let strict = Policy { allow_self_approval: false, required_approvals: RequiredApprovals { medium: 3, ..RequiredApprovals::default() } };
+        let strict = Policy {
+            allow_self_approval: false,
+            required_approvals: RequiredApprovals {
+                medium: 3,
+                ..RequiredApprovals::default()
+            },
+        };
         let (s, _) = apply(&cr, Action::Submit, &requester(), &strict, t(2)).unwrap();
         assert_eq!(s.required_approvals, 3);
         assert_eq!(
             err(&s, Action::Submit, &requester(), &Policy::default()),
-            DomainError::InvalidTransition { state: State::Submitted, action: ActionKind::Submit }
+            DomainError::InvalidTransition {
+                state: State::Submitted,
+                action: ActionKind::Submit
+            }
         );
     }
 
     #[test]
     fn approvals_count_distinct_people_up_to_the_requirement() {
         // stop_ec2_instance in production: 9, high, two approvals.
-        let cr = submitted(new_cr("stop_ec2_instance", json!({"instance_id": "i-01234567"}), Environment::Production));
+        let cr = submitted(new_cr(
+            "stop_ec2_instance",
+            json!({"instance_id": "i-01234567"}),
+            Environment::Production,
+        ));
         assert_eq!(cr.required_approvals, 2);
         let alice = user(20, Role::Approver);
-        let (a1, ev1) = apply(&cr, Action::Approve { comment: Some(" ok ".into()) }, &alice, &Policy::default(), t(5)).unwrap();
+        let (a1, ev1) = apply(
+            &cr,
+            Action::Approve {
+                comment: Some(" ok ".into()),
+            },
+            &alice,
+            &Policy::default(),
+            t(5),
+        )
+        .unwrap();
         assert_eq!(a1.state, State::Submitted);
         assert_eq!(a1.approvals.len(), 1);
         assert_eq!(a1.approvals[0].comment.as_deref(), Some("ok"));
@@ -1595,22 +1827,51 @@ mod tests {
         assert_eq!(e, DomainError::AlreadyApproved);
         assert_eq!(e.code(), "already_approved");
         // Even if their role changed to admin meanwhile.
-        let alice_admin = Actor::user(alice.user_id().unwrap().clone(), "u20@example.com", Role::Admin);
-        assert_eq!(err(&a1, approve(), &alice_admin, &Policy::default()), DomainError::AlreadyApproved);
+        let alice_admin = Actor::user(
+            alice.user_id().unwrap().clone(),
+            "u20@example.com",
+            Role::Admin,
+        );
+        assert_eq!(
+            err(&a1, approve(), &alice_admin, &Policy::default()),
+            DomainError::AlreadyApproved
+        );
 
-        let (a2, ev2) = apply(&a1, approve(), &user(21, Role::Admin), &Policy::default(), t(6)).unwrap();
+        let (a2, ev2) = apply(
+            &a1,
+            approve(),
+            &user(21, Role::Admin),
+            &Policy::default(),
+            t(6),
+        )
+        .unwrap();
         assert_eq!(a2.state, State::Approved);
         assert_eq!(a2.decided_at, Some(t(6)));
         assert_eq!(ev2[0].event_type, EventType::Approved);
         assert_eq!(ev2[0].payload["to_state"], "approved");
-        assert!(matches!(err(&a2, approve(), &user(22, Role::Approver), &Policy::default()), DomainError::InvalidTransition { .. }));
+        assert!(matches!(
+            err(
+                &a2,
+                approve(),
+                &user(22, Role::Approver),
+                &Policy::default()
+            ),
+            DomainError::InvalidTransition { .. }
+        ));
     }
 
     #[test]
     fn only_approvers_and_admins_approve_and_never_the_requester() {
         let cr = submitted(rotate());
-        for actor in [user(2, Role::Operator), user(3, Role::Viewer), Actor::System] {
-            assert!(is_forbidden(&err(&cr, approve(), &actor, &Policy::default())), "{actor:?}");
+        for actor in [
+            user(2, Role::Operator),
+            user(3, Role::Viewer),
+            Actor::System,
+        ] {
+            assert!(
+                is_forbidden(&err(&cr, approve(), &actor, &Policy::default())),
+                "{actor:?}"
+            );
         }
         // The requester, even as an admin or approver now.
         for role in [Role::Admin, Role::Approver] {
@@ -1620,7 +1881,10 @@ mod tests {
             assert_eq!(e.code(), "forbidden");
         }
         // Unless self-approval is on; then the approval is marked.
-        let eval = Policy { allow_self_approval: true, ..Policy::default() };
+        let eval = Policy {
+            allow_self_approval: true,
+            ..Policy::default()
+        };
         let me = Actor::user(cr.requested_by.clone(), "u1@example.com", Role::Admin);
         let (a, ev) = apply(&cr, approve(), &me, &eval, t(4)).unwrap();
         assert_eq!(a.state, State::Approved);
@@ -1635,18 +1899,55 @@ mod tests {
         let cr = submitted(rotate());
         let approver = user(30, Role::Approver);
         for reason in ["", "   \n"] {
-            let e = err(&cr, Action::Reject { reason: reason.into() }, &approver, &Policy::default());
-            assert_eq!(e, DomainError::Validation(vec![FieldError::new("reason", "is required")]));
+            let e = err(
+                &cr,
+                Action::Reject {
+                    reason: reason.into(),
+                },
+                &approver,
+                &Policy::default(),
+            );
+            assert_eq!(
+                e,
+                DomainError::Validation(vec![FieldError::new("reason", "is required")])
+            );
         }
         let long = "x".repeat(COMMENT_MAX_CHARS + 1);
-        assert!(matches!(err(&cr, Action::Reject { reason: long }, &approver, &Policy::default()), DomainError::Validation(_)));
-        assert!(is_forbidden(&err(&cr, Action::Reject { reason: "no".into() }, &requester(), &Policy::default())));
+        assert!(matches!(
+            err(
+                &cr,
+                Action::Reject { reason: long },
+                &approver,
+                &Policy::default()
+            ),
+            DomainError::Validation(_)
+        ));
+        assert!(is_forbidden(&err(
+            &cr,
+            Action::Reject {
+                reason: "no".into()
+            },
+            &requester(),
+            &Policy::default()
+        )));
 
-        let (r, ev) = apply(&cr, Action::Reject { reason: " wrong key ".into() }, &approver, &Policy::default(), t(7)).unwrap();
+        let (r, ev) = apply(
+            &cr,
+            Action::Reject {
+                reason: " wrong key ".into(),
+            },
+            &approver,
+            &Policy::default(),
+            t(7),
+        )
+        .unwrap();
         assert_eq!(r.state, State::Rejected);
         assert_eq!(r.decided_at, Some(t(7)));
         let rej = r.rejection.as_ref().unwrap();
-        assert_eq!((rej.reason.as_str(), rej.actor.as_str(), rej.at), ("wrong key", "u30@example.com", t(7)));
+        assert_eq!(
+            (rej.reason.as_str(), rej.actor.as_str(), rej.at),
+            ("wrong key", "u30@example.com", t(7))
+        );
         assert_eq!(ev[0].event_type, EventType::Rejected);
         assert_eq!(ev[0].payload["reason"], "wrong key");
     }
@@ -1654,45 +1955,113 @@ mod tests {
     #[test]
     fn cancel_before_execution_by_requester_or_admin() {
         for cr in [draft(rotate()), submitted(rotate()), approved(rotate())] {
-            let (c, ev) = apply(&cr, Action::Cancel, &requester(), &Policy::default(), t(8)).unwrap();
+            let (c, ev) =
+                apply(&cr, Action::Cancel, &requester(), &Policy::default(), t(8)).unwrap();
             assert_eq!(c.state, State::Cancelled);
             assert_eq!(ev[0].event_type, EventType::Cancelled);
             assert_eq!(ev[0].payload["from_state"], cr.state.as_str());
-            assert!(apply(&cr, Action::Cancel, &user(2, Role::Admin), &Policy::default(), t(8)).is_ok());
-            for actor in [user(2, Role::Operator), user(3, Role::Approver), user(4, Role::Viewer)] {
-                assert!(is_forbidden(&err(&cr, Action::Cancel, &actor, &Policy::default())));
+            assert!(apply(
+                &cr,
+                Action::Cancel,
+                &user(2, Role::Admin),
+                &Policy::default(),
+                t(8)
+            )
+            .is_ok());
+            for actor in [
+                user(2, Role::Operator),
+                user(3, Role::Approver),
+                user(4, Role::Viewer),
+            ] {
+                assert!(is_forbidden(&err(
+                    &cr,
+                    Action::Cancel,
+                    &actor,
+                    &Policy::default()
+                )));
             }
         }
         let running = step(&approved(rotate()), Action::Execute, &requester());
         assert_eq!(
             err(&running, Action::Cancel, &requester(), &Policy::default()),
-            DomainError::InvalidTransition { state: State::Executing, action: ActionKind::Cancel }
+            DomainError::InvalidTransition {
+                state: State::Executing,
+                action: ActionKind::Cancel
+            }
         );
     }
 
     #[test]
     fn execute_by_operator_or_admin_and_results_from_the_server() {
         let cr = approved(rotate());
-        for actor in [user(3, Role::Approver), user(4, Role::Viewer), Actor::System] {
-            assert!(is_forbidden(&err(&cr, Action::Execute, &actor, &Policy::default())), "{actor:?}");
+        for actor in [
+            user(3, Role::Approver),
+            user(4, Role::Viewer),
+            Actor::System,
+        ] {
+            assert!(
+                is_forbidden(&err(&cr, Action::Execute, &actor, &Policy::default())),
+                "{actor:?}"
+            );
         }
-        assert!(apply(&cr, Action::Execute, &user(2, Role::Admin), &Policy::default(), t(9)).is_ok());
-        let (x, ev) = apply(&cr, Action::Execute, &user(2, Role::Operator), &Policy::default(), t(9)).unwrap();
+        assert!(apply(
+            &cr,
+            Action::Execute,
+            &user(2, Role::Admin),
+            &Policy::default(),
+            t(9)
+        )
+        .is_ok());
+        let (x, ev) = apply(
+            &cr,
+            Action::Execute,
+            &user(2, Role::Operator),
+            &Policy::default(),
+            t(9),
+        )
+        .unwrap();
         assert_eq!(x.state, State::Executing);
         assert_eq!(x.executed_at, Some(t(9)));
         assert_eq!(ev[0].event_type, EventType::ExecutionStarted);
-        assert!(matches!(err(&x, Action::Execute, &requester(), &Policy::default()), DomainError::InvalidTransition { .. }));
+        assert!(matches!(
+            err(&x, Action::Execute, &requester(), &Policy::default()),
+            DomainError::InvalidTransition { .. }
+        ));
 
-        let finish = |success| Action::ExecutionFinished { success, applied_steps: 2 };
-        assert!(is_forbidden(&err(&x, finish(true), &user(2, Role::Admin), &Policy::default())));
+        let finish = |success| Action::ExecutionFinished {
+            success,
+            applied_steps: 2,
+        };
+        assert!(is_forbidden(&err(
+            &x,
+            finish(true),
+            &user(2, Role::Admin),
+            &Policy::default()
+        )));
         let (ok, ev) = apply(&x, finish(true), &Actor::System, &Policy::default(), t(10)).unwrap();
-        assert_eq!((ok.state, ok.applied_steps, ok.finished_at), (State::Complete, 2, Some(t(10))));
-        assert_eq!((ev[0].event_type, ev[0].actor.as_str(), ev[0].actor_id.as_ref()), (EventType::Completed, "system", None));
-        let (bad, ev) = apply(&x, finish(false), &Actor::System, &Policy::default(), t(10)).unwrap();
+        assert_eq!(
+            (ok.state, ok.applied_steps, ok.finished_at),
+            (State::Complete, 2, Some(t(10)))
+        );
+        assert_eq!(
+            (
+                ev[0].event_type,
+                ev[0].actor.as_str(),
+                ev[0].actor_id.as_ref()
+            ),
+            (EventType::Completed, "system", None)
+        );
+        let (bad, ev) =
+            apply(&x, finish(false), &Actor::System, &Policy::default(), t(10)).unwrap();
         assert_eq!(bad.state, State::Failed);
         assert_eq!(ev[0].event_type, EventType::Failed);
         // The server may do nothing but report results.
-        assert!(is_forbidden(&err(&submitted(rotate()), approve(), &Actor::System, &Policy::default())));
+        assert!(is_forbidden(&err(
+            &submitted(rotate()),
+            approve(),
+            &Actor::System,
+            &Policy::default()
+        )));
     }
 
     #[test]
@@ -1703,47 +2072,115 @@ mod tests {
             assert_eq!(rb.state, State::RollingBack);
             assert_eq!(rb.finished_at, None);
             assert_eq!(ev[0].event_type, EventType::RollbackStarted);
-            for actor in [user(3, Role::Approver), user(4, Role::Viewer), Actor::System] {
-                assert!(is_forbidden(&err(&cr, Action::Rollback, &actor, &Policy::default())));
+            for actor in [
+                user(3, Role::Approver),
+                user(4, Role::Viewer),
+                Actor::System,
+            ] {
+                assert!(is_forbidden(&err(
+                    &cr,
+                    Action::Rollback,
+                    &actor,
+                    &Policy::default()
+                )));
             }
-            let (done, ev) = apply(&rb, Action::RollbackFinished { success: true }, &Actor::System, &Policy::default(), t(12)).unwrap();
-            assert_eq!((done.state, ev[0].event_type), (State::Rolledback, EventType::Rolledback));
-            let (failed, ev) = apply(&rb, Action::RollbackFinished { success: false }, &Actor::System, &Policy::default(), t(12)).unwrap();
-            assert_eq!((failed.state, ev[0].event_type), (State::RollbackFailed, EventType::RollbackFailed));
+            let (done, ev) = apply(
+                &rb,
+                Action::RollbackFinished { success: true },
+                &Actor::System,
+                &Policy::default(),
+                t(12),
+            )
+            .unwrap();
+            assert_eq!(
+                (done.state, ev[0].event_type),
+                (State::Rolledback, EventType::Rolledback)
+            );
+            let (failed, ev) = apply(
+                &rb,
+                Action::RollbackFinished { success: false },
+                &Actor::System,
+                &Policy::default(),
+                t(12),
+            )
+            .unwrap();
+            assert_eq!(
+                (failed.state, ev[0].event_type),
+                (State::RollbackFailed, EventType::RollbackFailed)
+            );
             // Retry after a failed rollback.
-            let (retry, _) = apply(&failed, Action::Rollback, &op, &Policy::default(), t(13)).unwrap();
+            let (retry, _) =
+                apply(&failed, Action::Rollback, &op, &Policy::default(), t(13)).unwrap();
             assert_eq!(retry.state, State::RollingBack);
-            assert!(is_forbidden(&err(&rb, Action::RollbackFinished { success: true }, &op, &Policy::default())));
+            assert!(is_forbidden(&err(
+                &rb,
+                Action::RollbackFinished { success: true },
+                &op,
+                &Policy::default()
+            )));
         }
         // Nothing applied: nothing to roll back.
         let nothing = finished(rotate(), false, 0);
         assert_eq!(
             err(&nothing, Action::Rollback, &op, &Policy::default()),
-            DomainError::InvalidTransition { state: State::Failed, action: ActionKind::Rollback }
+            DomainError::InvalidTransition {
+                state: State::Failed,
+                action: ActionKind::Rollback
+            }
         );
         // A change type without rollback.
-        let delete = new_cr("delete_iam_access_key", json!({"iam_user": "u", "access_key_id": "AKIAIOSFODNN7EXAMPLE"}), Environment::Development);
+        let delete = new_cr(
+            "delete_iam_access_key",
+            json!({"iam_user": "u", "access_key_id": "AKIAIOSFODNN7EXAMPLE"}),
+            Environment::Development,
+        );
         let done = finished(delete, true, 1);
         let e = err(&done, Action::Rollback, &op, &Policy::default());
-        assert_eq!(e, DomainError::RollbackUnsupported { change_type: "delete_iam_access_key".into() });
+        assert_eq!(
+            e,
+            DomainError::RollbackUnsupported {
+                change_type: "delete_iam_access_key".into()
+            }
+        );
         assert_eq!(e.code(), "rollback_unsupported");
-        assert_eq!(e.to_string(), "change type delete_iam_access_key has no rollback");
+        assert_eq!(
+            e.to_string(),
+            "change type delete_iam_access_key has no rollback"
+        );
     }
 
     #[test]
     fn final_states_accept_nothing() {
-        let rejected = step(&submitted(rotate()), Action::Reject { reason: "no".into() }, &user(9, Role::Approver));
+        let rejected = step(
+            &submitted(rotate()),
+            Action::Reject {
+                reason: "no".into(),
+            },
+            &user(9, Role::Approver),
+        );
         let cancelled = step(&draft(rotate()), Action::Cancel, &requester());
         let rb = step(&finished(rotate(), true, 1), Action::Rollback, &requester());
-        let rolledback = step(&rb, Action::RollbackFinished { success: true }, &Actor::System);
+        let rolledback = step(
+            &rb,
+            Action::RollbackFinished { success: true },
+            &Actor::System,
+        );
         let actions = [
-            Action::Edit { title: Some("x".into()), description: None, target: None, environment: None },
+            Action::Edit {
+                title: Some("x".into()),
+                description: None,
+                target: None,
+                environment: None,
+            },
             Action::Submit,
             approve(),
             Action::Reject { reason: "r".into() },
             Action::Cancel,
             Action::Execute,
-            Action::ExecutionFinished { success: true, applied_steps: 1 },
+            Action::ExecutionFinished {
+                success: true,
+                applied_steps: 1,
+            },
             Action::Rollback,
             Action::RollbackFinished { success: true },
         ];
@@ -1751,9 +2188,28 @@ mod tests {
             assert!(cr.state.is_final());
             for action in actions.clone() {
                 let kind = action.kind();
-                for actor in [requester(), user(2, Role::Admin), user(3, Role::Approver), Actor::System] {
-                    let e = err(&cr, action.clone(), &actor, &Policy { allow_self_approval: true, ..Policy::default() });
-                    assert_eq!(e, DomainError::InvalidTransition { state: cr.state, action: kind });
+                for actor in [
+                    requester(),
+                    user(2, Role::Admin),
+                    user(3, Role::Approver),
+                    Actor::System,
+                ] {
+                    let e = err(
+                        &cr,
+                        action.clone(),
+                        &actor,
+                        &Policy {
+                            allow_self_approval: true,
+                            ..Policy::default()
+                        },
+                    );
+                    assert_eq!(
+                        e,
+                        DomainError::InvalidTransition {
+                            state: cr.state,
+                            action: kind
+                        }
+                    );
                 }
             }
         }
@@ -1761,11 +2217,23 @@ mod tests {
 
     #[test]
     fn invalid_transition_names_state_and_action() {
-        let e = DomainError::InvalidTransition { state: State::RollbackFailed, action: ActionKind::Approve };
-        assert_eq!(e.to_string(), "invalid transition: cannot approve a change request in state rollback_failed");
+        let e = DomainError::InvalidTransition {
+            state: State::RollbackFailed,
+            action: ActionKind::Approve,
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid transition: cannot approve a change request in state rollback_failed"
+        );
         assert_eq!(e.code(), "invalid_transition");
-        let v = DomainError::Validation(vec![FieldError::new("title", "must not be empty"), FieldError::new("reason", "is required")]);
-        assert_eq!(v.to_string(), "invalid input: title: must not be empty; reason: is required");
+        let v = DomainError::Validation(vec![
+            FieldError::new("title", "must not be empty"),
+            FieldError::new("reason", "is required"),
+        ]);
+        assert_eq!(
+            v.to_string(),
+            "invalid input: title: must not be empty; reason: is required"
+        );
     }
 
     #[test]
@@ -1779,7 +2247,10 @@ mod tests {
         for k in ActionKind::ALL {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
         }
-        assert_eq!(serde_json::to_value(EventType::ExecutionStarted).unwrap(), "change_request.execution_started");
+        assert_eq!(
+            serde_json::to_value(EventType::ExecutionStarted).unwrap(),
+            "change_request.execution_started"
+        );
         assert_eq!(Environment::parse("staging"), Some(Environment::Staging));
         assert_eq!(Environment::default(), Environment::Production);
         let cr = approved(rotate());
@@ -1814,7 +2285,10 @@ mod tests {
             session_id: SessionId::new(t(0), 1),
         };
         let a = Actor::from(&p);
-        assert_eq!(a, Actor::user(p.user_id.clone(), "p@example.com", Role::Approver));
+        assert_eq!(
+            a,
+            Actor::user(p.user_id.clone(), "p@example.com", Role::Approver)
+        );
         assert_eq!(a.audit_name(), "p@example.com");
         assert_eq!(Actor::System.audit_name(), "system");
         assert_eq!(Actor::System.user_id(), None);
@@ -1823,9 +2297,23 @@ mod tests {
     #[test]
     fn state_helpers() {
         let finals: Vec<State> = State::ALL.into_iter().filter(|s| s.is_final()).collect();
-        assert_eq!(finals, [State::Rejected, State::Cancelled, State::Rolledback]);
-        let blocking: Vec<State> = State::ALL.into_iter().filter(|s| s.blocks_connector_delete()).collect();
-        assert_eq!(blocking, [State::Submitted, State::Approved, State::Executing, State::RollingBack]);
+        assert_eq!(
+            finals,
+            [State::Rejected, State::Cancelled, State::Rolledback]
+        );
+        let blocking: Vec<State> = State::ALL
+            .into_iter()
+            .filter(|s| s.blocks_connector_delete())
+            .collect();
+        assert_eq!(
+            blocking,
+            [
+                State::Submitted,
+                State::Approved,
+                State::Executing,
+                State::RollingBack
+            ]
+        );
         assert!(State::Executing.is_running() && !State::Complete.is_running());
     }
 }

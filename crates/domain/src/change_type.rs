@@ -517,7 +517,10 @@ fn type_matches(ty: &str, v: &Value) -> bool {
         "null" => v.is_null(),
         "number" => v.is_number(),
         "integer" => {
-            v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|f| f.is_finite() && f.fract() == 0.0)
+            v.is_i64()
+                || v.is_u64()
+                || v.as_f64()
+                    .is_some_and(|f| f.is_finite() && f.fract() == 0.0)
         }
         _ => true,
     }
@@ -543,24 +546,18 @@ fn validate_at(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldErro
         return;
     };
 
-    match schema.get("type") {
-        Some(Value::String(ty)) => {
-            if !type_matches(ty, v) {
-                errors.push(FieldError::new(path, type_message(ty)));
-                return;
-            }
-        }
+    let type_error = match schema.get("type") {
+        Some(Value::String(ty)) => (!type_matches(ty, v)).then(|| type_message(ty)),
         Some(Value::Array(types)) => {
             let names: Vec<&str> = types.iter().filter_map(Value::as_str).collect();
-            if !names.is_empty() && !names.iter().any(|t| type_matches(t, v)) {
-                errors.push(FieldError::new(
-                    path,
-                    format!("must be one of the types: {}", names.join(", ")),
-                ));
-                return;
-            }
+            (!names.is_empty() && !names.iter().any(|t| type_matches(t, v)))
+                .then(|| format!("must be one of the types: {}", names.join(", ")))
         }
-        _ => {}
+        _ => None,
+    };
+    if let Some(message) = type_error {
+        errors.push(FieldError::new(path, message));
+        return;
     }
 
     if let Some(Value::Array(options)) = schema.get("enum") {
@@ -631,21 +628,20 @@ fn check_string(schema: &Map<String, Value>, s: &str, path: &str, errors: &mut V
 
 fn check_number(schema: &Map<String, Value>, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
     let Some(x) = v.as_f64() else { return };
-    if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
+    let bound = |k: &str| {
+        schema
+            .get(k)
+            .and_then(|b| b.as_f64().map(|f| (f, b.to_string())))
+    };
+    if let Some((min, shown)) = bound("minimum") {
         if x < min {
-            errors.push(FieldError::new(
-                path,
-                format!("must be at least {}", schema["minimum"]),
-            ));
+            errors.push(FieldError::new(path, format!("must be at least {shown}")));
             return;
         }
     }
-    if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
+    if let Some((max, shown)) = bound("maximum") {
         if x > max {
-            errors.push(FieldError::new(
-                path,
-                format!("must be at most {}", schema["maximum"]),
-            ));
+            errors.push(FieldError::new(path, format!("must be at most {shown}")));
         }
     }
 }
@@ -703,7 +699,10 @@ fn check_array(
     }
     if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
         if n > max {
-            errors.push(FieldError::new(path, format!("must have at most {max} items")));
+            errors.push(FieldError::new(
+                path,
+                format!("must have at most {max} items"),
+            ));
         }
     }
     if let Some(item_schema) = schema.get("items") {
@@ -721,11 +720,18 @@ mod pattern {
     enum Node {
         Char(char),
         Any,
-        Class { items: Vec<ClassItem>, negated: bool },
+        Class {
+            items: Vec<ClassItem>,
+            negated: bool,
+        },
         Start,
         End,
         Group(Vec<Vec<Node>>),
-        Repeat { node: Box<Node>, min: u32, max: Option<u32> },
+        Repeat {
+            node: Box<Node>,
+            min: u32,
+            max: Option<u32>,
+        },
     }
 
     #[derive(Debug, Clone)]
@@ -1042,6 +1048,7 @@ mod pattern {
     }
 
     #[cfg(test)]
+    #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     mod tests {
         use super::Pattern;
 
@@ -1074,7 +1081,9 @@ mod pattern {
 
         #[test]
         fn unsupported_syntax_is_rejected() {
-            for p in ["(?=a)", "a{2", "[a", "(a", "*a", "a{3,1}", r"\p{L}", "[z-a]"] {
+            for p in [
+                "(?=a)", "a{2", "[a", "(a", "*a", "a{3,1}", r"\p{L}", "[z-a]",
+            ] {
                 assert!(Pattern::parse(p).is_none(), "{p}");
             }
         }
@@ -1082,6 +1091,7 @@ mod pattern {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -1100,19 +1110,84 @@ mod tests {
     #[test]
     fn catalog_matches_the_spec_table() {
         let expected: [(&str, ConnectorType, u8, RollbackKind); 13] = [
-            ("rotate_iam_access_key", ConnectorType::Aws, 5, RollbackKind::Automatic),
-            ("deactivate_iam_access_key", ConnectorType::Aws, 4, RollbackKind::Automatic),
-            ("delete_iam_access_key", ConnectorType::Aws, 6, RollbackKind::None),
-            ("lock_iam_user", ConnectorType::Aws, 6, RollbackKind::Automatic),
-            ("unlock_iam_user", ConnectorType::Aws, 4, RollbackKind::Automatic),
-            ("attach_iam_user_policy", ConnectorType::Aws, 5, RollbackKind::Automatic),
-            ("detach_iam_user_policy", ConnectorType::Aws, 5, RollbackKind::Automatic),
-            ("stop_ec2_instance", ConnectorType::Aws, 7, RollbackKind::Automatic),
-            ("start_ec2_instance", ConnectorType::Aws, 2, RollbackKind::Automatic),
-            ("revoke_security_group_ingress", ConnectorType::Aws, 6, RollbackKind::Automatic),
-            ("authorize_security_group_ingress", ConnectorType::Aws, 7, RollbackKind::Automatic),
-            ("agent_write_file", ConnectorType::Agent, 5, RollbackKind::Automatic),
-            ("agent_set_file_mode", ConnectorType::Agent, 4, RollbackKind::Automatic),
+            (
+                "rotate_iam_access_key",
+                ConnectorType::Aws,
+                5,
+                RollbackKind::Automatic,
+            ),
+            (
+                "deactivate_iam_access_key",
+                ConnectorType::Aws,
+                4,
+                RollbackKind::Automatic,
+            ),
+            (
+                "delete_iam_access_key",
+                ConnectorType::Aws,
+                6,
+                RollbackKind::None,
+            ),
+            (
+                "lock_iam_user",
+                ConnectorType::Aws,
+                6,
+                RollbackKind::Automatic,
+            ),
+            (
+                "unlock_iam_user",
+                ConnectorType::Aws,
+                4,
+                RollbackKind::Automatic,
+            ),
+            (
+                "attach_iam_user_policy",
+                ConnectorType::Aws,
+                5,
+                RollbackKind::Automatic,
+            ),
+            (
+                "detach_iam_user_policy",
+                ConnectorType::Aws,
+                5,
+                RollbackKind::Automatic,
+            ),
+            (
+                "stop_ec2_instance",
+                ConnectorType::Aws,
+                7,
+                RollbackKind::Automatic,
+            ),
+            (
+                "start_ec2_instance",
+                ConnectorType::Aws,
+                2,
+                RollbackKind::Automatic,
+            ),
+            (
+                "revoke_security_group_ingress",
+                ConnectorType::Aws,
+                6,
+                RollbackKind::Automatic,
+            ),
+            (
+                "authorize_security_group_ingress",
+                ConnectorType::Aws,
+                7,
+                RollbackKind::Automatic,
+            ),
+            (
+                "agent_write_file",
+                ConnectorType::Agent,
+                5,
+                RollbackKind::Automatic,
+            ),
+            (
+                "agent_set_file_mode",
+                ConnectorType::Agent,
+                4,
+                RollbackKind::Automatic,
+            ),
         ];
         let cat = builtin_catalog();
         assert_eq!(cat.len(), expected.len());
@@ -1166,11 +1241,18 @@ mod tests {
     #[test]
     fn iam_targets() {
         let rotate = builtin("rotate_iam_access_key");
-        assert!(rotate.validate_target(&json!({"iam_user": "prod-deploy"})).is_ok());
         assert!(rotate
-            .validate_target(&json!({"iam_user": "ci+bot@x", "access_key_id": "AKIAIOSFODNN7EXAMPLE"}))
+            .validate_target(&json!({"iam_user": "prod-deploy"}))
             .is_ok());
-        assert_eq!(fields(rotate.validate_target(&json!({}))), ["target.iam_user"]);
+        assert!(rotate
+            .validate_target(
+                &json!({"iam_user": "ci+bot@x", "access_key_id": "AKIAIOSFODNN7EXAMPLE"})
+            )
+            .is_ok());
+        assert_eq!(
+            fields(rotate.validate_target(&json!({}))),
+            ["target.iam_user"]
+        );
         assert_eq!(
             fields(rotate.validate_target(&json!({"iam_user": "a", "targte": 1}))),
             ["target.targte"]
@@ -1191,7 +1273,10 @@ mod tests {
             fields(rotate.validate_target(&json!({"iam_user": 7, "access_key_id": "akia"}))),
             ["target.access_key_id", "target.iam_user"]
         );
-        assert_eq!(fields(rotate.validate_target(&json!("prod-deploy"))), ["target"]);
+        assert_eq!(
+            fields(rotate.validate_target(&json!("prod-deploy"))),
+            ["target"]
+        );
 
         let deactivate = builtin("deactivate_iam_access_key");
         assert_eq!(
@@ -1205,9 +1290,18 @@ mod tests {
             "arn:aws:iam::123456789012:policy/team/Deploy",
             "arn:aws-us-gov:iam::aws:policy/AdministratorAccess",
         ] {
-            assert!(attach.validate_target(&json!({"iam_user": "u", "policy_arn": arn})).is_ok(), "{arn}");
+            assert!(
+                attach
+                    .validate_target(&json!({"iam_user": "u", "policy_arn": arn}))
+                    .is_ok(),
+                "{arn}"
+            );
         }
-        for arn in ["ReadOnlyAccess", "arn:aws:iam::12345:policy/X", "arn:aws:s3:::bucket"] {
+        for arn in [
+            "ReadOnlyAccess",
+            "arn:aws:iam::12345:policy/X",
+            "arn:aws:s3:::bucket",
+        ] {
             assert_eq!(
                 fields(attach.validate_target(&json!({"iam_user": "u", "policy_arn": arn}))),
                 ["target.policy_arn"],
@@ -1219,7 +1313,9 @@ mod tests {
     #[test]
     fn ec2_and_security_group_targets() {
         let stop = builtin("stop_ec2_instance");
-        assert!(stop.validate_target(&json!({"instance_id": "i-0123456789abcdef0"})).is_ok());
+        assert!(stop
+            .validate_target(&json!({"instance_id": "i-0123456789abcdef0"}))
+            .is_ok());
         assert!(stop
             .validate_target(&json!({"instance_id": "i-01234567", "region": "eu-west-1"}))
             .is_ok());
@@ -1239,17 +1335,47 @@ mod tests {
             r[k] = v;
             r
         };
-        assert_eq!(fields(auth.validate_target(&with("protocol", json!("sctp")))), ["target.protocol"]);
-        assert_eq!(fields(auth.validate_target(&with("from_port", json!(70000)))), ["target.from_port"]);
-        assert_eq!(fields(auth.validate_target(&with("from_port", json!(22.5)))), ["target.from_port"]);
-        assert!(auth.validate_target(&with("from_port", json!(443.0))).is_ok());
-        assert_eq!(fields(auth.validate_target(&with("to_port", json!(80)))), ["target.to_port"]);
-        assert_eq!(fields(auth.validate_target(&with("from_port", json!(-1)))), ["target.from_port"]);
-        for bad in ["10.0.0.0", "256.0.0.0/8", "10.0.0.0/33", "10.0.0/8", " 10.0.0.0/8"] {
-            assert_eq!(fields(auth.validate_target(&with("cidr", json!(bad)))), ["target.cidr"], "{bad}");
+        assert_eq!(
+            fields(auth.validate_target(&with("protocol", json!("sctp")))),
+            ["target.protocol"]
+        );
+        assert_eq!(
+            fields(auth.validate_target(&with("from_port", json!(70000)))),
+            ["target.from_port"]
+        );
+        assert_eq!(
+            fields(auth.validate_target(&with("from_port", json!(22.5)))),
+            ["target.from_port"]
+        );
+        assert!(auth
+            .validate_target(&with("from_port", json!(443.0)))
+            .is_ok());
+        assert_eq!(
+            fields(auth.validate_target(&with("to_port", json!(80)))),
+            ["target.to_port"]
+        );
+        assert_eq!(
+            fields(auth.validate_target(&with("from_port", json!(-1)))),
+            ["target.from_port"]
+        );
+        for bad in [
+            "10.0.0.0",
+            "256.0.0.0/8",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            " 10.0.0.0/8",
+        ] {
+            assert_eq!(
+                fields(auth.validate_target(&with("cidr", json!(bad)))),
+                ["target.cidr"],
+                "{bad}"
+            );
         }
         for good in ["0.0.0.0/0", "10.0.0.0/8", "192.168.255.255/32"] {
-            assert!(auth.validate_target(&with("cidr", json!(good))).is_ok(), "{good}");
+            assert!(
+                auth.validate_target(&with("cidr", json!(good))).is_ok(),
+                "{good}"
+            );
         }
         let icmp = json!({
             "group_id": "sg-01234567", "protocol": "icmp",
@@ -1266,22 +1392,30 @@ mod tests {
         let agent = "agt_01jef8z7q3m4n5p6r7s8t9v0wx";
         let write = builtin("agent_write_file");
         assert!(write
-            .validate_target(&json!({"agent_id": agent, "path": "/etc/app/app.conf", "content": ""}))
+            .validate_target(
+                &json!({"agent_id": agent, "path": "/etc/app/app.conf", "content": ""})
+            )
             .is_ok());
         assert!(write
-            .validate_target(&json!({"agent_id": agent, "path": "/etc/x", "content": "a", "mode": "0644"}))
+            .validate_target(
+                &json!({"agent_id": agent, "path": "/etc/x", "content": "a", "mode": "0644"})
+            )
             .is_ok());
         assert_eq!(
             fields(write.validate_target(&json!({"agent_id": "usr_01jef8z7q3m4n5p6r7s8t9v0wx", "path": "etc/x", "content": "a", "mode": "999"}))),
             ["target.agent_id", "target.mode", "target.path"]
         );
         assert_eq!(
-            fields(write.validate_target(&json!({"agent_id": agent, "path": "/etc/../root/x", "content": "a"}))),
+            fields(write.validate_target(
+                &json!({"agent_id": agent, "path": "/etc/../root/x", "content": "a"})
+            )),
             ["target.path"]
         );
         let too_big = "x".repeat(AGENT_FILE_CONTENT_MAX_CHARS as usize + 1);
         assert_eq!(
-            fields(write.validate_target(&json!({"agent_id": agent, "path": "/etc/x", "content": too_big}))),
+            fields(write.validate_target(
+                &json!({"agent_id": agent, "path": "/etc/x", "content": too_big})
+            )),
             ["target.content"]
         );
         let chmod = builtin("agent_set_file_mode");
@@ -1306,13 +1440,20 @@ mod tests {
             },
             "additionalProperties": {"type": "string"}
         });
-        assert!(validate_target(&schema, &json!({"tags": ["a"], "flag": true, "kind": "x", "n": null, "extra": "s"})).is_ok());
+        assert!(validate_target(
+            &schema,
+            &json!({"tags": ["a"], "flag": true, "kind": "x", "n": null, "extra": "s"})
+        )
+        .is_ok());
         let errs = validate_target(
             &schema,
             &json!({"tags": ["abcd", 1, "a"], "flag": "yes", "kind": "y", "n": "1", "extra": 1}),
         )
         .unwrap_err();
-        let got: Vec<(&str, &str)> = errs.iter().map(|e| (e.field.as_str(), e.message.as_str())).collect();
+        let got: Vec<(&str, &str)> = errs
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
         assert_eq!(
             got,
             [

@@ -107,6 +107,7 @@ define_id!(/// A login session (`ses_`).
     SessionId, "ses");
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::Timestamp;

@@ -319,7 +319,12 @@ impl Job {
     }
 
     /// `worker` ends the job at `now` with `outcome`; the lease is released.
-    pub fn finish(&self, worker: &str, now: Timestamp, outcome: JobOutcome) -> Result<Job, JobError> {
+    pub fn finish(
+        &self,
+        worker: &str,
+        now: Timestamp,
+        outcome: JobOutcome,
+    ) -> Result<Job, JobError> {
         self.check_held(worker)?;
         let mut next = self.clone();
         match outcome {
@@ -355,6 +360,7 @@ impl Job {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -364,7 +370,13 @@ mod tests {
     }
 
     fn job() -> Job {
-        Job::new(JobId::new(t(0), 9), JobKind::Execution, "change_request", "cr_x", t(0))
+        Job::new(
+            JobId::new(t(0), 9),
+            JobKind::Execution,
+            "change_request",
+            "cr_x",
+            t(0),
+        )
     }
 
     #[test]
@@ -386,14 +398,22 @@ mod tests {
         assert!(j.is_held_by("w1"));
         assert_eq!(
             j.claim("w2", t(64), 60),
-            Err(JobError::Leased { owner: "w1".into(), until: t(65) })
+            Err(JobError::Leased {
+                owner: "w1".into(),
+                until: t(65)
+            })
         );
         let k = j.claim("w2", t(65), 60).unwrap();
         assert_eq!(k.lease_owner.as_deref(), Some("w2"));
         assert_eq!(k.started_at, Some(t(5)), "a takeover keeps the first start");
         assert_eq!(k.attempts, 2);
         // The old worker lost it.
-        assert_eq!(k.renew("w1", t(66), 60), Err(JobError::NotHeld { worker: "w1".into() }));
+        assert_eq!(
+            k.renew("w1", t(66), 60),
+            Err(JobError::NotHeld {
+                worker: "w1".into()
+            })
+        );
         assert!(k.report_progress("w1", Progress::default()).is_err());
     }
 
@@ -406,16 +426,31 @@ mod tests {
         // An expired lease nobody took over can still be renewed by its holder.
         let j = j.renew("w1", t(200), 60).unwrap();
         assert_eq!(j.lease_until, Some(t(260)));
-        let p = Progress { phase: "iam_user".into(), done: 3, total: Some(10) };
+        let p = Progress {
+            phase: "iam_user".into(),
+            done: 3,
+            total: Some(10),
+        };
         let j = j.report_progress("w1", p.clone()).unwrap();
         assert_eq!(j.progress, p);
-        assert_eq!(job().renew("w1", t(0), 60), Err(JobError::NotHeld { worker: "w1".into() }));
+        assert_eq!(
+            job().renew("w1", t(0), 60),
+            Err(JobError::NotHeld {
+                worker: "w1".into()
+            })
+        );
     }
 
     #[test]
     fn finish_succeeded_and_failed() {
         let j = job().claim("w1", t(0), 60).unwrap();
-        let ok = j.finish("w1", t(9), JobOutcome::succeeded(json!({"assets_created": 2}))).unwrap();
+        let ok = j
+            .finish(
+                "w1",
+                t(9),
+                JobOutcome::succeeded(json!({"assets_created": 2})),
+            )
+            .unwrap();
         assert_eq!(ok.status, JobStatus::Succeeded);
         assert_eq!(ok.finished_at, Some(t(9)));
         assert_eq!(ok.result["assets_created"], 2);
@@ -423,11 +458,19 @@ mod tests {
         assert!(!ok.is_claimable(t(1000)));
         assert_eq!(
             ok.claim("w2", t(1000), 60),
-            Err(JobError::Finished { status: JobStatus::Succeeded })
+            Err(JobError::Finished {
+                status: JobStatus::Succeeded
+            })
         );
         assert!(ok.finish("w1", t(10), JobOutcome::failed("late")).is_err());
 
-        let bad = j.finish("w1", t(9), JobOutcome::failed("precheck failed: no such user")).unwrap();
+        let bad = j
+            .finish(
+                "w1",
+                t(9),
+                JobOutcome::failed("precheck failed: no such user"),
+            )
+            .unwrap();
         assert_eq!(bad.status, JobStatus::Failed);
         assert_eq!(bad.error.as_deref(), Some("precheck failed: no such user"));
         assert!(j.finish("w2", t(9), JobOutcome::failed("x")).is_err());
@@ -446,12 +489,20 @@ mod tests {
         let v = serde_json::to_value(job()).unwrap();
         assert_eq!(v["kind"], "execution");
         assert_eq!(v["status"], "queued");
-        assert_eq!(v["progress"], json!({"phase": "", "done": 0, "total": null}));
+        assert_eq!(
+            v["progress"],
+            json!({"phase": "", "done": 0, "total": null})
+        );
         assert!(v.get("lease_owner").is_none());
         for k in [JobKind::Discovery, JobKind::Execution, JobKind::Rollback] {
             assert_eq!(JobKind::parse(k.as_str()), Some(k));
         }
-        for s in [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed] {
+        for s in [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+        ] {
             assert_eq!(JobStatus::parse(s.as_str()), Some(s));
         }
     }

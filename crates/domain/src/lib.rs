@@ -95,14 +95,14 @@ pub mod secret;
 pub mod time;
 pub mod user;
 
+pub use auth::{AccessClaims, Principal, RefreshTokenRecord, Session};
 pub use change_request::{
     apply, create, Action, ActionKind, Actor, Approval, ChangeRequest, DomainError, DomainEvent,
     Environment, NewChangeRequest, Policy, Rejection, RequiredApprovals, Risk, RiskLevel, State,
 };
 pub use change_type::{ChangeType, ConnectorType, RollbackKind};
-pub use job::{Job, JobKind, JobOutcome, JobStatus, Progress};
-pub use auth::{AccessClaims, Principal, RefreshTokenRecord, Session};
 pub use id::*;
+pub use job::{Job, JobKind, JobOutcome, JobStatus, Progress};
 pub use secret::{PasswordHash, SecretString};
 pub use time::{Timestamp, TimestampError};
 pub use user::{FieldError, LockState, Permission, Role, User};

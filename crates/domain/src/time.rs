@@ -103,12 +103,19 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     #[test]
     fn formats_with_millis_and_z() {
-        assert_eq!(Timestamp::from_millis(0).to_rfc3339(), "1970-01-01T00:00:00.000Z");
-        assert_eq!(Timestamp::from_millis(1).to_rfc3339(), "1970-01-01T00:00:00.001Z");
+        assert_eq!(
+            Timestamp::from_millis(0).to_rfc3339(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            Timestamp::from_millis(1).to_rfc3339(),
+            "1970-01-01T00:00:00.001Z"
+        );
     }
     #[test]
     fn parses_offsets_and_rejects_garbage() {
@@ -120,6 +127,9 @@ mod tests {
     #[test]
     fn midnight() {
         let t = Timestamp::parse_rfc3339("2026-12-04T15:41:22Z").unwrap();
-        assert_eq!(t.next_utc_midnight().to_rfc3339(), "2026-12-05T00:00:00.000Z");
+        assert_eq!(
+            t.next_utc_midnight().to_rfc3339(),
+            "2026-12-05T00:00:00.000Z"
+        );
     }
 }

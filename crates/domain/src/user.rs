@@ -168,7 +168,10 @@ pub fn normalize_email(field: &str, email: &str) -> Result<String, FieldError> {
 pub fn normalize_name(field: &str, name: &str) -> Result<String, FieldError> {
     let n = name.trim();
     if n.is_empty() || n.chars().count() > 200 || n.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must be 1 to 200 printable characters"));
+        return Err(FieldError::new(
+            field,
+            "must be 1 to 200 printable characters",
+        ));
     }
     Ok(n.to_owned())
 }
@@ -235,6 +238,7 @@ impl LockState {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -285,7 +289,10 @@ mod tests {
         assert!(validate_password("p", &SecretString::new("short".into())).is_err());
         assert!(validate_password("p", &SecretString::new("x".repeat(12))).is_ok());
         assert!(validate_password("p", &SecretString::new("x".repeat(257))).is_err());
-        assert_eq!(normalize_email("e", " A@Example.COM ").unwrap(), "a@example.com");
+        assert_eq!(
+            normalize_email("e", " A@Example.COM ").unwrap(),
+            "a@example.com"
+        );
         for bad in ["a", "a@b", "@b.c", "a@.c", "a b@c.d", "a@b@c.d"] {
             assert!(normalize_email("e", bad).is_err(), "{bad}");
         }

@@ -88,8 +88,10 @@ pub trait Repo {
     /// Inserts a refresh token record.
     fn insert_refresh_token(&mut self, rec: &RefreshTokenRecord) -> Result<(), StoreError>;
     /// A refresh token by its hash.
-    fn get_refresh_token(&mut self, token_hash: &str)
-        -> Result<Option<RefreshTokenRecord>, StoreError>;
+    fn get_refresh_token(
+        &mut self,
+        token_hash: &str,
+    ) -> Result<Option<RefreshTokenRecord>, StoreError>;
     /// Spends a refresh token: sets `used_at` only if it was unused. Returns whether this call
     /// spent it (false: it was already spent — a reuse).
     fn spend_refresh_token(&mut self, token_hash: &str, at: Timestamp) -> Result<bool, StoreError>;
@@ -98,8 +100,11 @@ pub trait Repo {
     /// Appends are serialized so the chain stays linear.
     fn append_audit(&mut self, event: NewAuditEvent) -> Result<AuditEvent, StoreError>;
     /// Audit events matching `filter`, newest first, keyset by `seq` (`page.after` is a seq).
-    fn list_audit(&mut self, filter: &AuditFilter, page: &Page)
-        -> Result<Vec<AuditEvent>, StoreError>;
+    fn list_audit(
+        &mut self,
+        filter: &AuditFilter,
+        page: &Page,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
     /// Up to `limit` events with `seq > after_seq`, in ascending `seq` order (for verification).
     fn scan_audit(&mut self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 }

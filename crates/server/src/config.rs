@@ -178,10 +178,17 @@ impl Config {
         let bind = match src.get("bind") {
             None => SocketAddr::from(([127, 0, 0, 1], 8000)),
             Some((name, v)) => v.trim().parse().map_err(|_| {
-                err(&name, format!("must be an address such as 127.0.0.1:8000, got {v:?}"))
+                err(
+                    &name,
+                    format!("must be an address such as 127.0.0.1:8000, got {v:?}"),
+                )
             })?,
         };
-        let data_dir = PathBuf::from(src.get("data_dir").map(|(_, v)| v).unwrap_or_else(|| "./data".into()));
+        let data_dir = PathBuf::from(
+            src.get("data_dir")
+                .map(|(_, v)| v)
+                .unwrap_or_else(|| "./data".into()),
+        );
         let database_url = match src.get("database_url") {
             None => format!("sqlite://{}", data_dir.join("nexplane.db").display()),
             Some((name, v)) => {
@@ -225,7 +232,10 @@ impl Config {
         }
         let connect_timeout: u64 = positive(src, "db_connect_timeout_seconds", 5)?;
         if connect_timeout > 10 {
-            return Err(err("NEXPLANE_DB_CONNECT_TIMEOUT_SECONDS", "must be at most 10"));
+            return Err(err(
+                "NEXPLANE_DB_CONNECT_TIMEOUT_SECONDS",
+                "must be at most 10",
+            ));
         }
         let workers = positive(
             src,
@@ -260,7 +270,11 @@ mod tests {
     use super::*;
 
     fn cfg(env: &[(&str, &str)], file: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let m = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let m = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
         Config::from_source(&Source::from_maps(m(env), m(file)))
     }
 
@@ -276,12 +290,19 @@ mod tests {
 
     #[test]
     fn env_wins_over_file_and_bad_values_name_their_key() {
-        let c = cfg(&[("NEXPLANE_RATE_LIMIT_PER_MINUTE", "7")], &[("rate_limit_per_minute", "9")]).unwrap();
+        let c = cfg(
+            &[("NEXPLANE_RATE_LIMIT_PER_MINUTE", "7")],
+            &[("rate_limit_per_minute", "9")],
+        )
+        .unwrap();
         assert_eq!(c.rate_limit_per_minute, 7);
         let c = cfg(&[], &[("rate_limit_per_minute", "9")]).unwrap();
         assert_eq!(c.rate_limit_per_minute, 9);
         let e = cfg(&[("NEXPLANE_RATE_LIMIT_PER_MINUTE", "lots")], &[]).unwrap_err();
-        assert!(e.to_string().contains("NEXPLANE_RATE_LIMIT_PER_MINUTE"), "{e}");
+        assert!(
+            e.to_string().contains("NEXPLANE_RATE_LIMIT_PER_MINUTE"),
+            "{e}"
+        );
         let e = cfg(&[("NEXPLANE_BIND", "nowhere")], &[]).unwrap_err();
         assert!(e.to_string().contains("NEXPLANE_BIND"));
         let e = cfg(&[("NEXPLANE_LOG_FORMAT", "xml")], &[]).unwrap_err();

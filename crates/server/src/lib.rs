@@ -58,8 +58,9 @@ impl Clock for SystemClock {
 /// Opens (and migrates) the database named by the configuration.
 pub fn open_database(cfg: &Config) -> Result<Db, StartError> {
     if cfg.database_url.starts_with("sqlite://") {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| StartError::Other(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            StartError::Other(format!("cannot create {}: {e}", cfg.data_dir.display()))
+        })?;
     }
     let db = Db::connect(
         &cfg.database_url,
@@ -69,7 +70,9 @@ pub fn open_database(cfg: &Config) -> Result<Db, StartError> {
         },
     )
     .map_err(|e| StartError::Database(e.to_string()))?;
-    let applied = db.migrate().map_err(|e| StartError::Database(e.to_string()))?;
+    let applied = db
+        .migrate()
+        .map_err(|e| StartError::Database(e.to_string()))?;
     for m in applied {
         tracing::info!(migration = %m, "applied migration");
     }
@@ -171,8 +174,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartE
     let app = tokio::task::spawn_blocking(move || build_app(&c, clock))
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
-    let listener = TcpListener::bind(cfg.bind)
-        .map_err(|e| StartError::Other(format!("NEXPLANE_BIND: cannot listen on {}: {e}", cfg.bind)))?;
+    let listener = TcpListener::bind(cfg.bind).map_err(|e| {
+        StartError::Other(format!("NEXPLANE_BIND: cannot listen on {}: {e}", cfg.bind))
+    })?;
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
@@ -196,5 +200,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartE
 pub fn read_password_stdin() -> std::io::Result<SecretString> {
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
-    Ok(SecretString::new(line.trim_end_matches(['\r', '\n']).to_owned()))
+    Ok(SecretString::new(
+        line.trim_end_matches(['\r', '\n']).to_owned(),
+    ))
 }

@@ -51,7 +51,9 @@ enum UserCommand {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -62,7 +64,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Openapi) = cli.command {
         let spec = nexplane_api::openapi::openapi_spec();
-        println!("{}", serde_json::to_string_pretty(&spec).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&spec).unwrap_or_default()
+        );
         return ExitCode::SUCCESS;
     }
     let cfg = match Source::load(cli.config.as_deref()).and_then(|s| Config::from_source(&s)) {
@@ -98,7 +103,7 @@ fn serve(cfg: Config) -> Result<(), StartError> {
         .enable_all()
         .build()
         .map_err(|e| StartError::Other(e.to_string()))?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let running = nexplane::start(cfg, Arc::new(SystemClock)).await?;
         match running.task.await {
             Ok(Ok(())) => {
@@ -108,11 +113,20 @@ fn serve(cfg: Config) -> Result<(), StartError> {
             Ok(Err(e)) => Err(StartError::Other(e.to_string())),
             Err(e) => Err(StartError::Other(e.to_string())),
         }
-    })
+    });
+    // Idle blocking-pool threads would otherwise keep the process alive for a few seconds.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
-fn create_user(cfg: &Config, email: String, role: String, name: Option<String>) -> Result<(), StartError> {
-    let password = nexplane::read_password_stdin().map_err(|e| StartError::Other(format!("reading the password from stdin: {e}")))?;
+fn create_user(
+    cfg: &Config,
+    email: String,
+    role: String,
+    name: Option<String>,
+) -> Result<(), StartError> {
+    let password = nexplane::read_password_stdin()
+        .map_err(|e| StartError::Other(format!("reading the password from stdin: {e}")))?;
     let app = nexplane::build_app(cfg, Arc::new(SystemClock))?;
     let user = app
         .create_user_cli(nexplane_app::users::NewUser {
@@ -130,6 +144,9 @@ fn create_user(cfg: &Config, email: String, role: String, name: Option<String>) 
             ),
             other => StartError::Other(other.to_string()),
         })?;
-    println!("{}", serde_json::json!({"id": user.id.to_string(), "email": user.email, "role": user.role.as_str()}));
+    println!(
+        "{}",
+        serde_json::json!({"id": user.id.to_string(), "email": user.email, "role": user.role.as_str()})
+    );
     Ok(())
 }

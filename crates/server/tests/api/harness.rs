@@ -129,7 +129,10 @@ impl Resp {
         );
         assert_eq!(self.body["status"], json!(status));
         let code = self.body["code"].as_str().unwrap_or_default().to_owned();
-        assert_eq!(self.body["type"], json!(format!("urn:nexplane:error:{code}")));
+        assert_eq!(
+            self.body["type"],
+            json!(format!("urn:nexplane:error:{code}"))
+        );
         code
     }
 }
@@ -142,7 +145,9 @@ impl TestApp {
         let data_dir = tempfile::tempdir().unwrap();
         let database_url = match backend {
             Backend::Sqlite => format!("sqlite://{}/nexplane.db", data_dir.path().display()),
-            Backend::Postgres => tokio::task::spawn_blocking(fresh_pg_database).await.unwrap(),
+            Backend::Postgres => tokio::task::spawn_blocking(fresh_pg_database)
+                .await
+                .unwrap(),
         };
         let mut vars: BTreeMap<String, String> = [
             ("NEXPLANE_BIND", "127.0.0.1:0".to_owned()),
@@ -193,7 +198,13 @@ impl TestApp {
     }
 
     /// Sends a request; `body` is JSON when given.
-    pub async fn req(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+    pub async fn req(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
         let mut rb = self.client.request(method, self.url(path));
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
@@ -205,7 +216,14 @@ impl TestApp {
     }
 
     /// Sends a raw body with a content type.
-    pub async fn raw(&self, method: Method, path: &str, token: Option<&str>, content_type: &str, body: Vec<u8>) -> Resp {
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Resp {
         let mut rb = self
             .client
             .request(method, self.url(path))
@@ -222,7 +240,12 @@ impl TestApp {
         let headers = r.headers().clone();
         let text = r.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, headers, body, text }
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Resp {
@@ -276,7 +299,10 @@ impl TestApp {
     /// Audit events of a type, newest first.
     pub async fn audit_of(&self, event_type: &str) -> Vec<Value> {
         let r = self
-            .get(&format!("/audit?event_type={event_type}&limit=500"), &self.admin_token)
+            .get(
+                &format!("/audit?event_type={event_type}&limit=500"),
+                &self.admin_token,
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         r.body.as_array().unwrap().clone()
@@ -292,16 +318,18 @@ impl TestApp {
                 .unwrap(),
             Backend::Sqlite => {
                 let path = self.database_url.trim_start_matches("sqlite://").to_owned();
-                let script = format!(
-                    "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()"
-                );
+                let script = "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()";
                 std::process::Command::new("python3")
-                    .args(["-c", &script, &path, statement])
+                    .args(["-c", script, &path, statement])
                     .output()
                     .unwrap()
             }
         };
-        assert!(out.status.success(), "sql failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "sql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -317,12 +345,14 @@ macro_rules! both {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                let app = $crate::harness::TestApp::start($crate::harness::Backend::Sqlite, $env).await;
+                let app =
+                    $crate::harness::TestApp::start($crate::harness::Backend::Sqlite, $env).await;
                 ($body)(app).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let app = $crate::harness::TestApp::start($crate::harness::Backend::Postgres, $env).await;
+                let app =
+                    $crate::harness::TestApp::start($crate::harness::Backend::Postgres, $env).await;
                 ($body)(app).await;
             }
         }

@@ -5,3 +5,4 @@
 mod harness;
 mod invariants;
 mod smoke;
+mod users;
