@@ -99,6 +99,7 @@ impl Server {
             .env("NEXPLANE_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("NEXPLANE_RATE_LIMIT_PER_MINUTE", "100000000")
             .env("NEXPLANE_LOGIN_RATE_LIMIT_PER_MINUTE", "1000")
+            .env("NEXPLANE_IP_RATE_LIMIT_PER_MINUTE", "100000000")
             .env("RUST_LOG", "warn")
             .env_remove("NEXPLANE_DATABASE_URL")
             .stdin(Stdio::null())

@@ -50,7 +50,7 @@ impl OperationModifier for Ctx {
 /// token is cached), re-reads the session and the user, and counts the request against the
 /// user's limit.
 #[derive(Debug, Clone)]
-pub struct Auth(pub Principal);
+pub struct Auth(pub Principal, pub nexplane_domain::User);
 
 fn bearer(req: &HttpRequest) -> Option<String> {
     let h = req.headers().get(actix_web::http::header::AUTHORIZATION)?;
@@ -95,9 +95,9 @@ impl FromRequest for Auth {
                 )));
             };
             let app = state.app.clone();
-            let res = web::block(move || app.authenticate(&token)).await;
-            let principal = match res {
-                Ok(Ok(p)) => p,
+            let res = web::block(move || app.authenticate_user(&token)).await;
+            let (principal, user) = match res {
+                Ok(Ok(pu)) => pu,
                 Ok(Err(e @ AppError::Unauthorized(_))) => return Err(fail(e)),
                 Ok(Err(e)) => return Err(ApiError::from(e).with_request_id(rid)),
                 Err(e) => return Err(ApiError::from(e).with_request_id(rid)),
@@ -109,7 +109,7 @@ impl FromRequest for Auth {
             if !d.allowed {
                 return Err(ApiError::from(limited(&d)).with_request_id(rid));
             }
-            Ok(Auth(principal))
+            Ok(Auth(principal, user))
         })
     }
 }

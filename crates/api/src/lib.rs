@@ -101,7 +101,16 @@ fn path_error(_err: PathError, req: &HttpRequest) -> actix_web::Error {
         .into()
 }
 
-fn login_governor(per_minute: u32) -> Option<LoginGovernor> {
+pub(crate) type LoginLimit = actix_governor::GovernorConfig<
+    middleware::LoginKey,
+    actix_governor::governor::middleware::NoOpMiddleware<
+        actix_governor::governor::clock::QuantaInstant,
+    >,
+>;
+
+/// The per-IP login limiter. Built once per server and shared by every worker (each clone
+/// of the config shares one limiter), so the limit holds whatever worker takes a connection.
+fn login_limit(per_minute: u32) -> Option<LoginLimit> {
     let per_minute = u64::from(per_minute.max(1));
     let period = std::time::Duration::from_millis((60_000 / per_minute).max(1));
     actix_governor::GovernorConfigBuilder::default()
@@ -109,7 +118,6 @@ fn login_governor(per_minute: u32) -> Option<LoginGovernor> {
         .period(period)
         .burst_size(u32::try_from(per_minute).unwrap_or(u32::MAX))
         .finish()
-        .map(|c| actix_governor::Governor::new(&c))
 }
 
 /// Builds the actix application for one worker.
@@ -124,7 +132,23 @@ pub fn build_app(
         InitError = (),
     >,
 > {
-    let governor = login_governor(state.config.login_rate_limit_per_minute);
+    let limit = login_limit(state.config.login_rate_limit_per_minute);
+    app_with_login_limit(state, limit.as_ref())
+}
+
+fn app_with_login_limit(
+    state: aweb::Data<ApiState>,
+    login: Option<&LoginLimit>,
+) -> actix_web::App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let governor = login.map(actix_governor::Governor::new);
     actix_web::App::new()
         .app_data(state.clone())
         .app_data(
@@ -154,9 +178,12 @@ pub fn serve(
     workers: usize,
 ) -> std::io::Result<actix_web::dev::Server> {
     let state = aweb::Data::new(state);
-    Ok(actix_web::HttpServer::new(move || build_app(state.clone()))
-        .workers(workers.max(1))
-        .shutdown_timeout(10)
-        .listen(listener)?
-        .run())
+    let login = login_limit(state.config.login_rate_limit_per_minute);
+    Ok(
+        actix_web::HttpServer::new(move || app_with_login_limit(state.clone(), login.as_ref()))
+            .workers(workers.max(1))
+            .shutdown_timeout(10)
+            .listen(listener)?
+            .run(),
+    )
 }

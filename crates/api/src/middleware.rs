@@ -27,7 +27,7 @@ fn valid_request_id(v: &HeaderValue) -> Option<String> {
 /// Assigns the request id (echoing a well-formed incoming one), logs the request, counts it.
 pub(crate) async fn frame(
     req: ServiceRequest,
-    next: Next<impl MessageBody>,
+    next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let rid = req
         .headers()
@@ -39,7 +39,7 @@ pub(crate) async fn frame(
     let method = req.method().to_string();
     let path = req.path().to_owned();
     let started = std::time::Instant::now();
-    let mut res = next.call(req).await?;
+    let mut res = as_problem(next.call(req).await?, &rid);
     if let Ok(v) = HeaderValue::from_str(&rid) {
         res.headers_mut()
             .insert(HeaderName::from_static(X_REQUEST_ID), v);
@@ -58,6 +58,60 @@ pub(crate) async fn frame(
         "request"
     );
     Ok(res)
+}
+
+/// Turns an error answered by the framework itself (405 for a method a route lacks, 413 or
+/// 400 from a raw-body extractor, …), which has no body or a plain-text one, into the same
+/// problem+json as every other error. Status and headers are kept.
+fn as_problem<B>(res: ServiceResponse<B>, rid: &str) -> ServiceResponse<EitherBody<B>> {
+    let status = res.status();
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(crate::PROBLEM_JSON.as_bytes()));
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return res.map_into_left_body();
+    }
+    let (req, old) = res.into_parts();
+    let title = status.canonical_reason().unwrap_or("Error");
+    let (code, detail, extra) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed".to_owned(),
+            "this endpoint does not support the request method".to_owned(),
+            serde_json::json!({}),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large".to_owned(),
+            "the request body is larger than 1 MiB".to_owned(),
+            serde_json::json!({}),
+        ),
+        StatusCode::TOO_MANY_REQUESTS => (
+            "rate_limited".to_owned(),
+            "too many requests; try again later".to_owned(),
+            serde_json::json!({}),
+        ),
+        s if s.is_server_error() => {
+            tracing::error!(request_id = %rid, status = s.as_u16(), "error answered without a problem body");
+            (
+                "internal_error".to_owned(),
+                "an internal error occurred; quote the request_id when reporting it".to_owned(),
+                serde_json::json!({"request_id": rid}),
+            )
+        }
+        s => (
+            title.to_lowercase().replace(' ', "_"),
+            format!("the request could not be handled ({})", s.as_u16()),
+            serde_json::json!({}),
+        ),
+    };
+    let mut resp = problem(status, &code, title, &detail, extra);
+    let own: Vec<HeaderName> = resp.headers().keys().cloned().collect();
+    for (k, v) in old.headers() {
+        if !own.contains(k) && *k != header::CONTENT_LENGTH {
+            resp.headers_mut().append(k.clone(), v.clone());
+        }
+    }
+    ServiceResponse::new(req, resp).map_into_right_body()
 }
 
 fn set_rate_headers<B>(res: &mut ServiceResponse<B>, d: &RateDecision) {
@@ -140,6 +194,17 @@ pub(crate) async fn docs_and_spec(
                 return Ok(req.into_response(resp).map_into_right_body());
             }
         }
+    }
+    if (path == "/docs" || path == "/docs/") && req.method() == actix_web::http::Method::GET {
+        // The file server behind this panics on the docs root with any query string, so the
+        // root is always answered here.
+        let resp = HttpResponse::PermanentRedirect()
+            .insert_header((
+                header::LOCATION,
+                format!("/docs/index.html?url={}", crate::openapi::SPEC_PATH),
+            ))
+            .finish();
+        return Ok(req.into_response(resp).map_into_right_body());
     }
     if let Some(file) = path.strip_prefix("/docs/") {
         if !file.is_empty() && !DOCS_FILES.contains(&file) {

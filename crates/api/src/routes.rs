@@ -99,10 +99,9 @@ pub(crate) async fn logout(state: Data, ctx: Ctx, auth: Auth) -> Result<NoConten
 
 /// The current user.
 #[api_v2_operation(tags(Auth))]
-pub(crate) async fn me(state: Data, ctx: Ctx, auth: Auth) -> Result<web::Json<UserDto>, ApiError> {
-    let app = state.app.clone();
-    let u = run(&ctx, move || app.me(&auth.0)).await?;
-    Ok(web::Json(UserDto::from(&u)))
+pub(crate) async fn me(auth: Auth) -> Result<web::Json<UserDto>, ApiError> {
+    // The extractor has just read the user, as it is now.
+    Ok(web::Json(UserDto::from(&auth.1)))
 }
 
 /// The public keys that verify access tokens (JWKS). Public.
@@ -177,6 +176,12 @@ pub(crate) async fn list_users(
 ) -> Result<Paged<UserDto>, ApiError> {
     let limit = check_limit(q.limit)?;
     let after = decode_cursor(q.cursor.as_deref())?;
+    if after
+        .as_deref()
+        .is_some_and(|a| nexplane_domain::UserId::parse(a).is_err())
+    {
+        return Err(AppError::BadRequest("cursor is not valid".into()).into());
+    }
     let app = state.app.clone();
     let page = Page {
         limit: limit + 1,

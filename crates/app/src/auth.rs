@@ -272,6 +272,12 @@ impl App {
     /// Authenticates a bearer token: signature (cached), then the session and the user as
     /// they are now (logout and disabling act at once; the role is the current one).
     pub fn authenticate(&self, token: &str) -> Result<Principal, AppError> {
+        self.authenticate_user(token).map(|(p, _)| p)
+    }
+
+    /// Like [`App::authenticate`], also returning the user as just read (so a request that
+    /// needs the current user does not read it twice).
+    pub fn authenticate_user(&self, token: &str) -> Result<(Principal, User), AppError> {
         let now = self.now();
         let claims = match self.tokens.get(token, now) {
             Some(c) => c,
@@ -302,7 +308,7 @@ impl App {
         if user.is_disabled() {
             return Err(AppError::Unauthorized("account disabled".into()));
         }
-        Ok(principal(&user, &session))
+        Ok((principal(&user, &session), user))
     }
 
     fn issue(

@@ -116,7 +116,8 @@ mod tests {
             .collect();
         let ok = handles
             .into_iter()
-            .filter(|h| matches!(h.join(), Ok(true)))
+            .map(|h| h.join())
+            .filter(|r| matches!(r, Ok(true)))
             .count();
         assert_eq!(ok, 100);
     }

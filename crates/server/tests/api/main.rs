@@ -2,7 +2,13 @@
 //! PostgreSQL. Modules per area.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod audit;
+mod auth;
+mod errors;
 mod harness;
 mod invariants;
+mod limits;
+mod openapi;
+mod roles;
 mod smoke;
 mod users;
