@@ -61,6 +61,51 @@ impl TokenCache {
     }
 }
 
+fn locked(until: Timestamp, now: Timestamp) -> AppError {
+    let retry = (until.millis() - now.millis() + 999) / 1000;
+    AppError::TooManyRequests {
+        retry_after_secs: u64::try_from(retry.max(1)).unwrap_or(1),
+        detail: "too many failed logins for this account; try again later".into(),
+    }
+}
+
+/// Failed-login lock state of emails that have no account (bounded, in memory).
+#[derive(Debug)]
+pub struct UnknownLogins {
+    capacity: usize,
+    map: Mutex<HashMap<String, nexplane_domain::LockState>>,
+}
+
+impl UnknownLogins {
+    /// Tracks at most `capacity` emails.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn check(&self, email: &str, now: Timestamp) -> Result<(), Timestamp> {
+        match self.map.lock() {
+            Ok(m) => m.get(email).map_or(Ok(()), |s| s.check(now)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn fail(&self, email: &str, now: Timestamp) {
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= self.capacity && !m.contains_key(email) {
+                m.retain(|_, s| s.check(now).is_err());
+                if m.len() >= self.capacity {
+                    m.clear();
+                }
+            }
+            let next = m.get(email).copied().unwrap_or_default().after_failure(now);
+            m.insert(email.to_owned(), next);
+        }
+    }
+}
+
 enum RefreshOutcome {
     Issued(Box<(Session, User, SecretString)>),
     Reused,
@@ -81,8 +126,14 @@ impl App {
             r.get_user_by_email(&email).map_err(AppError::from)
         })?;
         let Some(user) = user else {
-            // Same work as for a real account, so timing does not tell who exists.
+            // An unknown email gets the same lock ladder as a real account, kept in memory,
+            // so a 429 does not reveal which emails exist.
+            if let Err(until) = self.unknown_logins.check(&email, now) {
+                return Err(locked(until, now));
+            }
+            // Same work as for a real account, so timing does not tell who exists either.
             let _ = self.deps.hasher.verify(&self.dummy_hash(), password);
+            self.unknown_logins.fail(&email, now);
             transaction(self.store(), |r: &mut dyn Repo| {
                 self.audit(
                     r,
@@ -98,11 +149,7 @@ impl App {
             return Err(AppError::Unauthorized(LOGIN_REFUSED.into()));
         };
         if let Err(until) = user.lock.check(now) {
-            let retry = (until.millis() - now.millis() + 999) / 1000;
-            return Err(AppError::TooManyRequests {
-                retry_after_secs: u64::try_from(retry.max(1)).unwrap_or(1),
-                detail: "too many failed logins for this account; try again later".into(),
-            });
+            return Err(locked(until, now));
         }
         let ok = self.deps.hasher.verify(&user.password_hash, password)?;
         if !ok || user.is_disabled() {

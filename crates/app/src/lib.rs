@@ -75,6 +75,7 @@ pub struct App {
     pub(crate) deps: Deps,
     pub(crate) settings: Settings,
     pub(crate) tokens: Arc<auth::TokenCache>,
+    pub(crate) unknown_logins: Arc<auth::UnknownLogins>,
 }
 
 impl App {
@@ -84,6 +85,7 @@ impl App {
             deps,
             settings,
             tokens: Arc::new(auth::TokenCache::new(10_000)),
+            unknown_logins: Arc::new(auth::UnknownLogins::new(100_000)),
         }
     }
 

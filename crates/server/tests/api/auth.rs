@@ -1182,7 +1182,10 @@ both!(
                 let client = reqwest::Client::new();
                 let r = client
                     .post(app.url("/auth/login"))
-                    .json(&json!({"email": "nobody@example.com", "password": password}))
+                    // A different unknown email each time, so only the IP limit can refuse.
+                    .json(
+                        &json!({"email": format!("{password}@example.com"), "password": password}),
+                    )
                     .send()
                     .await
                     .unwrap();
@@ -1360,5 +1363,33 @@ both!(
                 "the audit log holds an access token"
             );
         }
+    }
+);
+
+both!(
+    an_unknown_email_is_locked_like_an_account_so_429_reveals_nothing,
+    |app: TestApp| async move {
+        let (_, email, _) = new_user(&app, "viewer").await;
+        let ghost = "nobody-here@example.com";
+        for who in [email.as_str(), ghost] {
+            assert_unauthorized(&app.login(who, "wrong-password-one").await);
+        }
+        // Both are now locked for one second, with the same answer.
+        let real = app.login(&email, "wrong-password-two").await;
+        let fake = app.login(ghost, "wrong-password-two").await;
+        assert_eq!(assert_limited(&real), 1);
+        assert_eq!(assert_limited(&fake), 1);
+        assert_eq!(real.body["detail"], fake.body["detail"]);
+        // And both climb the same ladder once the lock has passed.
+        app.clock.advance_secs(1);
+        for who in [email.as_str(), ghost] {
+            assert_unauthorized(&app.login(who, "wrong-password-three").await);
+        }
+        app.clock.advance_secs(2);
+        assert_limited(&app.login(&email, USER_PASSWORD).await);
+        assert_limited(&app.login(ghost, "wrong-password-four").await);
+        app.clock.advance_secs(1);
+        assert_eq!(app.login(&email, USER_PASSWORD).await.status, 200);
+        assert_unauthorized(&app.login(ghost, "wrong-password-five").await);
     }
 );
