@@ -7,6 +7,8 @@
 //! Storage is synchronous (diesel is blocking): callers run it on a blocking thread pool.
 #![deny(missing_docs)]
 
+pub mod cloud;
+
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent};
 use nexplane_domain::{
     AccessClaims, PasswordHash, RefreshTokenRecord, SecretString, Session, SessionId, Timestamp,
