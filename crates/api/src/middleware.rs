@@ -65,10 +65,11 @@ pub(crate) async fn frame(
 /// problem+json as every other error. Status and headers are kept.
 fn as_problem<B>(res: ServiceResponse<B>, rid: &str) -> ServiceResponse<EitherBody<B>> {
     let status = res.status();
-    let is_problem = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(crate::PROBLEM_JSON.as_bytes()));
+    // Our own answers are problem+json, or JSON on purpose (`/health` says 503 in its body).
+    let is_problem = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(crate::PROBLEM_JSON.as_bytes())
+            || v.as_bytes().starts_with(b"application/json")
+    });
     if is_problem || !(status.is_client_error() || status.is_server_error()) {
         return res.map_into_left_body();
     }

@@ -4,11 +4,13 @@
 
 mod audit;
 mod auth;
+mod cli;
 mod errors;
 mod harness;
 mod invariants;
 mod limits;
 mod openapi;
+mod outage;
 mod roles;
 mod smoke;
 mod users;
