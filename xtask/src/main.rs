@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+mod aws_emulator;
 mod bench;
 
 const USAGE: &str = "\
@@ -184,10 +185,13 @@ fn test() -> Result<()> {
     run(&mut doc)
 }
 
-/// Hook for the AWS emulator (a Python venv with `moto[server]`), added by a later feature.
-/// Returns environment variables to pass to the test run. Nothing to prepare yet.
-fn prepare_aws_emulator() -> Result<Vec<(String, String)>> {
-    Ok(Vec::new())
+/// The AWS emulator: a Python venv at `.venv-moto` with `moto[server]` 5.x (created or
+/// repaired when needed) and a `moto_server` on a free loopback port, or the one named by
+/// `NEXPLANE_TEST_MOTO_URL`. The returned guard yields the environment for the test run
+/// (`NEXPLANE_TEST_MOTO_URL`) and stops the server when dropped, also when the tests fail.
+/// Fails when the emulator cannot be prepared (never skipped, CI or not).
+fn prepare_aws_emulator() -> Result<aws_emulator::AwsEmulator> {
+    aws_emulator::prepare(&project_root())
 }
 
 /// Makes sure a PostgreSQL answers at the test database URL and returns that URL.

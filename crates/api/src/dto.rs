@@ -1,7 +1,7 @@
 //! Request and response bodies, as documented in the OpenAPI schema.
 
 use nexplane_domain::audit::AuditEvent;
-use nexplane_domain::User;
+use nexplane_domain::{Asset, Connector, Job, User};
 use paperclip::actix::Apiv2Schema;
 use serde::{Deserialize, Serialize};
 
@@ -224,6 +224,250 @@ pub(crate) struct AuditQuery {
     pub from: Option<String>,
     /// ISO 8601; events before it.
     pub to: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// Opaque cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A connector (api.md §4). Credential values are write-only: only their names are shown.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct ConnectorDto {
+    /// `conn_…`
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Connector type: `aws`.
+    #[serde(rename = "type")]
+    pub connector_type: String,
+    /// `production`, `staging` or `development`; feeds the risk score of change requests.
+    pub environment: String,
+    /// Non-secret settings. For `aws`: `region`, `regions` (discovered regions),
+    /// `endpoint_url`, `assume_role_arn`, `external_id`.
+    pub settings: serde_json::Value,
+    /// Names of the stored credentials (never their values).
+    pub credential_keys: Vec<String>,
+    /// `untested`, `ok` or `error` (the last test's result).
+    pub status: String,
+    /// When it was last tested (RFC 3339).
+    pub last_tested_at: Option<String>,
+    /// Why the last test failed.
+    pub last_test_error: Option<String>,
+    /// When a discovery of it last finished (RFC 3339).
+    pub last_discovered_at: Option<String>,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Last changed (RFC 3339).
+    pub updated_at: String,
+}
+
+impl From<&Connector> for ConnectorDto {
+    fn from(c: &Connector) -> Self {
+        Self {
+            id: c.id.to_string(),
+            name: c.name.clone(),
+            connector_type: c.connector_type.clone(),
+            environment: c.environment.as_str().to_owned(),
+            settings: c.settings.clone(),
+            credential_keys: c.credential_keys.clone(),
+            status: c.status.as_str().to_owned(),
+            last_tested_at: c.last_tested_at.map(|t| t.to_rfc3339()),
+            last_test_error: c.last_test_error.clone(),
+            last_discovered_at: c.last_discovered_at.map(|t| t.to_rfc3339()),
+            created_at: c.created_at.to_rfc3339(),
+            updated_at: c.updated_at.to_rfc3339(),
+        }
+    }
+}
+
+/// `POST /connectors` body.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateConnectorRequest {
+    /// Unique name, 1 to 100 characters.
+    pub name: String,
+    /// Connector type: `aws`.
+    #[serde(rename = "type")]
+    pub connector_type: String,
+    /// `production` (default), `staging` or `development`.
+    pub environment: Option<String>,
+    /// Settings. For `aws`: `region` (default `us-east-1`), `regions` (default `[region]`),
+    /// `endpoint_url` (an AWS-compatible endpoint such as a local emulator), `assume_role_arn`,
+    /// `external_id`. Unknown keys are refused.
+    pub settings: Option<serde_json::Value>,
+    /// Write-only credentials, an object of strings, sealed at rest and never returned. For
+    /// `aws`: `aws_access_key_id` and `aws_secret_access_key` (required), `aws_session_token`
+    /// (optional); a `region` here moves into the settings.
+    pub credentials: Option<serde_json::Value>,
+}
+
+/// `PUT /connectors/{id}` body. `name`, `environment` and `settings` replace the stored ones
+/// (absent `environment` means `production`, absent `settings` the defaults); `credentials`,
+/// when present, replace the whole stored set, and when absent the stored set stays. `type`
+/// may be sent but cannot change.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateConnectorRequest {
+    /// Unique name.
+    pub name: String,
+    /// The connector's type (cannot change).
+    #[serde(rename = "type")]
+    pub connector_type: Option<String>,
+    /// `production` (default), `staging` or `development`.
+    pub environment: Option<String>,
+    /// Settings (see `POST /connectors`).
+    pub settings: Option<serde_json::Value>,
+    /// Write-only credentials (see `POST /connectors`).
+    pub credentials: Option<serde_json::Value>,
+}
+
+/// Who the tested credentials are.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct IdentityDto {
+    /// Account id.
+    pub account_id: String,
+    /// ARN of the caller.
+    pub arn: String,
+}
+
+/// `POST /connectors/{id}/test` answer: `{ok:true, latency_ms, identity}` or
+/// `{ok:false, error}` (the provider's message; never a credential value).
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct ConnectorTestResponse {
+    /// Whether the credentials work.
+    pub ok: bool,
+    /// Duration of the provider call in milliseconds (when ok).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// Who the credentials are (when ok).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityDto>,
+    /// Why the test failed (when not ok).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How far a job has got.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct ProgressDto {
+    /// What it is doing, e.g. `iam_user`.
+    pub phase: String,
+    /// Units done.
+    pub done: u64,
+    /// Units in total, when known.
+    pub total: Option<u64>,
+}
+
+/// A background job (api.md §8).
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct JobDto {
+    /// `job_…`
+    pub id: String,
+    /// `discovery`, `execution` or `rollback`.
+    pub kind: String,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    /// What it works on, e.g. `connector`.
+    pub resource_type: String,
+    /// That resource's id.
+    pub resource_id: String,
+    /// Progress.
+    pub progress: ProgressDto,
+    /// Result. Discovery: `{assets_created, assets_updated, assets_removed, by_type: {type:
+    /// count}, partial_errors: [{asset_type, region, message}]}`.
+    pub result: serde_json::Value,
+    /// Why it failed. A discovery that could not list everything succeeds with what it found
+    /// and names the failed parts here.
+    pub error: Option<String>,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// First picked up by a worker.
+    pub started_at: Option<String>,
+    /// Finished.
+    pub finished_at: Option<String>,
+}
+
+impl From<&Job> for JobDto {
+    fn from(j: &Job) -> Self {
+        Self {
+            id: j.id.to_string(),
+            kind: j.kind.as_str().to_owned(),
+            status: j.status.as_str().to_owned(),
+            resource_type: j.resource_type.clone(),
+            resource_id: j.resource_id.clone(),
+            progress: ProgressDto {
+                phase: j.progress.phase.clone(),
+                done: j.progress.done,
+                total: j.progress.total,
+            },
+            result: j.result.clone(),
+            error: j.error.clone(),
+            created_at: j.created_at.to_rfc3339(),
+            started_at: j.started_at.map(|t| t.to_rfc3339()),
+            finished_at: j.finished_at.map(|t| t.to_rfc3339()),
+        }
+    }
+}
+
+/// A discovered asset (api.md §5).
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct AssetDto {
+    /// `ast_…`
+    pub id: String,
+    /// The connector that found it.
+    pub connector_id: String,
+    /// `iam_user`, `iam_role`, `ec2_instance`, `ec2_security_group` or `s3_bucket`.
+    #[serde(rename = "type")]
+    pub asset_type: String,
+    /// The provider's stable id (ARN, instance id, …).
+    pub external_id: String,
+    /// Display name.
+    pub name: String,
+    /// Region, for regional resources.
+    pub region: Option<String>,
+    /// The connector's environment.
+    pub environment: String,
+    /// Type-specific attributes.
+    pub attributes: serde_json::Value,
+    /// First discovered (RFC 3339).
+    pub first_seen_at: String,
+    /// Last discovered (RFC 3339).
+    pub last_seen_at: String,
+    /// When a complete discovery no longer found it.
+    pub removed_at: Option<String>,
+}
+
+impl From<&Asset> for AssetDto {
+    fn from(a: &Asset) -> Self {
+        Self {
+            id: a.id.to_string(),
+            connector_id: a.connector_id.to_string(),
+            asset_type: a.asset_type.clone(),
+            external_id: a.external_id.clone(),
+            name: a.name.clone(),
+            region: a.region.clone(),
+            environment: a.environment.as_str().to_owned(),
+            attributes: a.attributes.clone(),
+            first_seen_at: a.first_seen_at.to_rfc3339(),
+            last_seen_at: a.last_seen_at.to_rfc3339(),
+            removed_at: a.removed_at.map(|t| t.to_rfc3339()),
+        }
+    }
+}
+
+/// Filters and paging of `GET /assets`.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AssetQuery {
+    /// Assets of this connector.
+    pub connector_id: Option<String>,
+    /// Assets of this type, e.g. `iam_user`, `ec2_instance`.
+    #[serde(rename = "type")]
+    pub asset_type: Option<String>,
+    /// Case-insensitive substring of the name or the external id (at most 200 characters).
+    pub q: Option<String>,
+    /// Also list assets a discovery no longer found (default false).
+    pub include_removed: Option<bool>,
     /// Page size, 1 to 500 (default 50).
     pub limit: Option<u32>,
     /// Opaque cursor from the previous page.

@@ -167,6 +167,35 @@ pub(crate) async fn rate_limit(
     Ok(res.map_into_left_body())
 }
 
+/// The Swagger UI page: the built-in bundle, our document, "Authorize" with a bearer token.
+const DOCS_INDEX: &str = r##"<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="UTF-8">
+<title>Nexplane API</title>
+<link rel="stylesheet" type="text/css" href="./swagger-ui.css">
+<link rel="icon" type="image/png" href="./favicon-32x32.png" sizes="32x32">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="./swagger-ui-bundle.js" charset="UTF-8"></script>
+<script src="./swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+<script>
+window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/openapi.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    persistAuthorization: true,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    layout: "StandaloneLayout"
+  });
+};
+</script>
+</body>
+</html>
+"##;
+
 /// Files the built-in Swagger UI may serve; anything else under `/docs/` is a 404 (the
 /// underlying file server panics on a missing file, so it never sees one).
 const DOCS_FILES: &[&str] = &[
@@ -205,6 +234,14 @@ pub(crate) async fn docs_and_spec(
                 format!("/docs/index.html?url={}", crate::openapi::SPEC_PATH),
             ))
             .finish();
+        return Ok(req.into_response(resp).map_into_right_body());
+    }
+    if path == "/docs/index.html" && req.method() == actix_web::http::Method::GET {
+        // Our own page: the bundled one points at a public sample document (Swagger UI
+        // ignores `?url=` by default), and this one loads ours and keeps the token.
+        let resp = HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .body(DOCS_INDEX);
         return Ok(req.into_response(resp).map_into_right_body());
     }
     if let Some(file) = path.strip_prefix("/docs/") {

@@ -16,6 +16,7 @@ const PUBLIC: &[(&str, &str)] = &[
     ("/health", "get"),
     ("/health/live", "get"),
     ("/.well-known/jwks.json", "get"),
+    ("/metrics", "get"),
 ];
 
 /// The finished OpenAPI 3 document.
@@ -78,6 +79,18 @@ fn finish(mut spec: Value) -> Value {
             }
         });
     }
+    if let Some(Value::Object(paths)) = spec.get_mut("paths") {
+        paths.insert(
+            "/metrics".into(),
+            json!({"get": {
+                "tags": ["Health"],
+                "summary": "Prometheus metrics (text exposition format). Public.",
+                "operationId": "metrics",
+                "responses": {"200": {"description": "OK",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}}
+            }}),
+        );
+    }
     let Some(Value::Object(paths)) = spec.get_mut("paths") else {
         return spec;
     };
@@ -105,7 +118,8 @@ fn finish(mut spec: Value) -> Value {
             if path.contains('{') {
                 add("404", "no such resource");
             }
-            if method != "get" || path == "/users" || path == "/audit" {
+            let is_list = ["/users", "/audit", "/connectors", "/assets"].contains(&path.as_str());
+            if method != "get" || is_list {
                 add("400", "malformed JSON or query");
                 add(
                     "422",
@@ -132,6 +146,15 @@ fn finish(mut spec: Value) -> Value {
             } else {
                 op.insert("security".into(), json!([{"bearer": []}]));
             }
+        }
+    }
+    // Credentials are a write-only object of strings.
+    for schema in ["CreateConnectorRequest", "UpdateConnectorRequest"] {
+        if let Some(Value::Object(p)) = spec.pointer_mut(&format!(
+            "/components/schemas/{schema}/properties/credentials"
+        )) {
+            p.insert("writeOnly".into(), Value::Bool(true));
+            p.insert("additionalProperties".into(), json!({"type": "string"}));
         }
     }
     if let Some(Value::Object(schemas)) = spec.pointer_mut("/components/schemas") {

@@ -90,6 +90,43 @@ impl<T: Apiv2Schema> OperationModifier for Created<T> {
     }
 }
 
+/// `202 Accepted` for asynchronous work: the job in the body and `Location: /jobs/{id}`.
+#[derive(Debug)]
+pub struct Accepted<T> {
+    /// Where the job can be followed.
+    pub location: String,
+    /// The job.
+    pub body: T,
+}
+
+impl<T: Serialize> Responder for Accepted<T> {
+    type Body = BoxBody;
+    fn respond_to(self, _: &HttpRequest) -> HttpResponse {
+        let mut r = json_response(StatusCode::ACCEPTED, &self.body);
+        if let Ok(v) = header::HeaderValue::from_str(&self.location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r
+    }
+}
+impl<T: Apiv2Schema> Apiv2Schema for Accepted<T> {
+    fn name() -> Option<String> {
+        T::name()
+    }
+    fn raw_schema() -> paperclip::v2::models::DefaultSchemaRaw {
+        T::raw_schema()
+    }
+}
+impl<T: Apiv2Schema> OperationModifier for Accepted<T> {
+    fn update_response(op: &mut DefaultOperationRaw) {
+        insert_response::<T>(
+            op,
+            StatusCode::ACCEPTED,
+            &[("Location", "URL of the job (`/jobs/{id}`)")],
+        );
+    }
+}
+
 /// One page of a list: a JSON array, with `Link: <…>; rel="next"` and `X-Next-Cursor` when
 /// more items exist.
 #[derive(Debug)]

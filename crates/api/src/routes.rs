@@ -4,14 +4,15 @@
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::extract::{Auth, Ctx};
-use crate::respond::{check_limit, decode_cursor, paginate, Created, Paged};
+use crate::respond::{check_limit, decode_cursor, paginate, Accepted, Created, Paged};
 use crate::state::ApiState;
 use actix_web::http::StatusCode;
+use nexplane_app::connectors::{ConnectorReplacement, NewConnector, TestReport};
 use nexplane_app::users::{NewUser, UserPatch};
 use nexplane_app::{auth::TokenPair, AppError};
 use nexplane_domain::audit::ChainCheck;
 use nexplane_domain::{SecretString, Timestamp};
-use nexplane_ports::{AuditFilter, Page};
+use nexplane_ports::{AssetFilter, AuditFilter, Page};
 use paperclip::actix::{api_v2_operation, web, NoContent};
 
 type Data = web::Data<ApiState>;
@@ -368,6 +369,262 @@ pub(crate) async fn verify_audit(
     }))
 }
 
+/// Checks that a decoded cursor is an id of the listed kind (else 400).
+fn check_cursor<T>(
+    after: Option<&str>,
+    parse: fn(&str) -> Result<T, nexplane_domain::IdError>,
+) -> Result<(), ApiError> {
+    if after.is_some_and(|a| parse(a).is_err()) {
+        return Err(AppError::BadRequest("cursor is not valid".into()).into());
+    }
+    Ok(())
+}
+
+/// List connectors (any role), newest first. Credential values are never shown, only
+/// `credential_keys`.
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn list_connectors(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    q: web::Query<ListQuery>,
+) -> Result<Paged<ConnectorDto>, ApiError> {
+    let limit = check_limit(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref())?;
+    check_cursor(after.as_deref(), nexplane_domain::ConnectorId::parse)?;
+    let app = state.app.clone();
+    let page = Page {
+        limit: limit + 1,
+        after,
+    };
+    let rows = run(&ctx, move || app.list_connectors(&auth.0, &page)).await?;
+    Ok(paginate(
+        rows,
+        limit,
+        |c| c.id.to_string(),
+        |c| ConnectorDto::from(c),
+    ))
+}
+
+/// Create a connector (admin).
+///
+/// `credentials` are sealed at rest (AES-256-GCM, the connector id bound in) and never
+/// returned, logged or audited. A duplicate name → 409; an unknown type, a missing required
+/// credential, an unknown field or setting → 422.
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn create_connector(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    body: web::Json<CreateConnectorRequest>,
+) -> Result<Created<ConnectorDto>, ApiError> {
+    let b = body.into_inner();
+    let input = NewConnector {
+        name: b.name,
+        connector_type: b.connector_type,
+        environment: b.environment,
+        settings: b.settings,
+        credentials: b.credentials,
+    };
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let conn = run(&ctx, move || app.create_connector(&auth.0, input, &c)).await?;
+    Ok(Created {
+        location: format!("/connectors/{}", conn.id),
+        body: ConnectorDto::from(&conn),
+    })
+}
+
+/// Get a connector (any role).
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn get_connector(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<ConnectorDto>, ApiError> {
+    let app = state.app.clone();
+    let id = id.into_inner();
+    let c = run(&ctx, move || app.get_connector(&auth.0, &id)).await?;
+    Ok(web::Json(ConnectorDto::from(&c)))
+}
+
+/// Replace a connector (admin).
+///
+/// `name`, `environment` and `settings` replace the stored ones; `credentials`, when present,
+/// replace the whole stored set, and when absent the stored set stays. New settings or
+/// credentials reset `status` to `untested`.
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn update_connector(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+    body: web::Json<UpdateConnectorRequest>,
+) -> Result<web::Json<ConnectorDto>, ApiError> {
+    let b = body.into_inner();
+    let input = ConnectorReplacement {
+        name: b.name,
+        connector_type: b.connector_type,
+        environment: b.environment,
+        settings: b.settings,
+        credentials: b.credentials,
+    };
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let id = id.into_inner();
+    let conn = run(&ctx, move || app.replace_connector(&auth.0, &id, input, &c)).await?;
+    Ok(web::Json(ConnectorDto::from(&conn)))
+}
+
+/// Delete a connector (admin); its assets go with it, its audit history stays.
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn delete_connector(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<NoContent, ApiError> {
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let id = id.into_inner();
+    run(&ctx, move || app.delete_connector(&auth.0, &id, &c)).await?;
+    Ok(NoContent)
+}
+
+fn test_response(r: TestReport) -> ConnectorTestResponse {
+    ConnectorTestResponse {
+        ok: r.ok,
+        latency_ms: r.latency_ms,
+        identity: r.identity.map(|i| IdentityDto {
+            account_id: i.account_id,
+            arn: i.arn,
+        }),
+        error: r.error,
+    }
+}
+
+/// Test a connector's credentials (operator, admin).
+///
+/// For `aws`: STS GetCallerIdentity (after assuming `assume_role_arn` when set). Updates
+/// `status`, `last_tested_at` and `last_test_error`. Bad credentials or an unreachable
+/// endpoint answer 200 with `ok: false` and the provider's message.
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn test_connector(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<ConnectorTestResponse>, ApiError> {
+    let app = state.app.clone();
+    let id = id.into_inner();
+    let principal = auth.0.clone();
+    let probe = run(&ctx, move || app.prepare_connector_test(&principal, &id)).await?;
+    // The provider call: no transaction is open.
+    let result = state.app.probe_connector(&probe).await;
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let report = run(&ctx, move || {
+        app.record_connector_test(&auth.0, &probe, result, &c)
+    })
+    .await?;
+    Ok(web::Json(test_response(report)))
+}
+
+/// Start a discovery of a connector's assets (operator, admin).
+///
+/// Answers 202 with the job and `Location: /jobs/{id}`. A discovery already queued or running
+/// for this connector is returned instead of starting a second one.
+#[api_v2_operation(tags(Connectors))]
+pub(crate) async fn discover_connector(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<Accepted<JobDto>, ApiError> {
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let id = id.into_inner();
+    let (job, _new) = run(&ctx, move || app.request_discovery(&auth.0, &id, &c)).await?;
+    Ok(Accepted {
+        location: format!("/jobs/{}", job.id),
+        body: JobDto::from(&job),
+    })
+}
+
+/// Get a job (any role): status, progress and result.
+#[api_v2_operation(tags(Jobs))]
+pub(crate) async fn get_job(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<JobDto>, ApiError> {
+    let app = state.app.clone();
+    let id = id.into_inner();
+    let j = run(&ctx, move || app.get_job(&auth.0, &id)).await?;
+    Ok(web::Json(JobDto::from(&j)))
+}
+
+/// List discovered assets (any role), newest first.
+///
+/// Filters: `connector_id`, `type`, `q` (case-insensitive substring of the name or the
+/// external id) and `include_removed` (assets a later complete discovery no longer found are
+/// hidden unless true).
+#[api_v2_operation(tags(Assets))]
+pub(crate) async fn list_assets(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    q: web::Query<AssetQuery>,
+) -> Result<Paged<AssetDto>, ApiError> {
+    let q = q.into_inner();
+    let limit = check_limit(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref())?;
+    check_cursor(after.as_deref(), nexplane_domain::AssetId::parse)?;
+    let connector_id = q
+        .connector_id
+        .as_deref()
+        .map(|c| {
+            nexplane_domain::ConnectorId::parse(c).map_err(|_| {
+                ApiError::from(AppError::field("connector_id", "is not a connector id"))
+            })
+        })
+        .transpose()?;
+    let filter = AssetFilter {
+        connector_id,
+        asset_type: q.asset_type,
+        q: q.q,
+        include_removed: q.include_removed.unwrap_or(false),
+    };
+    let app = state.app.clone();
+    let page = Page {
+        limit: limit + 1,
+        after,
+    };
+    let rows = run(&ctx, move || app.list_assets(&auth.0, &filter, &page)).await?;
+    Ok(paginate(
+        rows,
+        limit,
+        |a| a.id.to_string(),
+        |a| AssetDto::from(a),
+    ))
+}
+
+/// Get an asset (any role), removed or not.
+#[api_v2_operation(tags(Assets))]
+pub(crate) async fn get_asset(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<AssetDto>, ApiError> {
+    let app = state.app.clone();
+    let id = id.into_inner();
+    let a = run(&ctx, move || app.get_asset(&auth.0, &id)).await?;
+    Ok(web::Json(AssetDto::from(&a)))
+}
+
 /// Registers every API route (used for serving and for generating the OpenAPI schema).
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate::LoginGovernor>) {
     let login_res = web::resource("/auth/login").route(web::post().to(login));
@@ -394,5 +651,23 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate:
         )
         .service(web::resource("/users/{id}/password").route(web::post().to(change_password)))
         .service(web::resource("/audit").route(web::get().to(list_audit)))
-        .service(web::resource("/audit/verify").route(web::get().to(verify_audit)));
+        .service(web::resource("/audit/verify").route(web::get().to(verify_audit)))
+        .service(
+            web::resource("/connectors")
+                .route(web::get().to(list_connectors))
+                .route(web::post().to(create_connector)),
+        )
+        .service(
+            web::resource("/connectors/{id}")
+                .route(web::get().to(get_connector))
+                .route(web::put().to(update_connector))
+                .route(web::delete().to(delete_connector)),
+        )
+        .service(web::resource("/connectors/{id}/test").route(web::post().to(test_connector)))
+        .service(
+            web::resource("/connectors/{id}/discover").route(web::post().to(discover_connector)),
+        )
+        .service(web::resource("/jobs/{id}").route(web::get().to(get_job)))
+        .service(web::resource("/assets").route(web::get().to(list_assets)))
+        .service(web::resource("/assets/{id}").route(web::get().to(get_asset)));
 }

@@ -5,8 +5,11 @@
 //! password hashing): the HTTP layer calls it on a blocking thread pool.
 #![deny(missing_docs)]
 
+pub mod assets;
 pub mod audit;
 pub mod auth;
+pub mod connectors;
+pub mod discovery;
 mod error;
 pub mod ratelimit;
 pub mod users;
@@ -15,7 +18,10 @@ pub use error::AppError;
 
 use nexplane_domain::audit::NewAuditEvent;
 use nexplane_domain::{EventId, Principal, Timestamp};
-use nexplane_ports::{Clock, PasswordHasher, Random, Repo, Store, StoreError, TokenSigner};
+use nexplane_ports::cloud::CloudProvider;
+use nexplane_ports::{
+    Clock, CredentialSealer, PasswordHasher, Random, Repo, Store, StoreError, TokenSigner,
+};
 use std::sync::Arc;
 
 /// The adapters the use cases run on.
@@ -31,6 +37,10 @@ pub struct Deps {
     pub clock: Arc<dyn Clock>,
     /// CSPRNG.
     pub random: Arc<dyn Random>,
+    /// Seals and opens connector credentials (AES-256-GCM under the master key).
+    pub sealer: Arc<dyn CredentialSealer>,
+    /// The cloud providers (connector tests and discovery).
+    pub cloud: Arc<dyn CloudProvider>,
 }
 
 impl std::fmt::Debug for Deps {

@@ -27,4 +27,4 @@ pub use agent::{agent_signature, verify_agent_signature};
 pub use jwt::{RsaTokenSigner, PREVIOUS_KEY_PREFIX, ROTATION_GRACE_SECS, SIGNING_KEY_FILE};
 pub use password::{Argon2Hasher, ARGON2_ITERATIONS, ARGON2_MEMORY_KIB, ARGON2_PARALLELISM};
 pub use random::OsRandom;
-pub use seal::{MasterKey, Sealer, MASTER_KEY_FILE};
+pub use seal::{MasterKey, Sealer, MASTER_KEY_FILE, NEXT_KEY_SUFFIX, PREVIOUS_KEY_SUFFIX};

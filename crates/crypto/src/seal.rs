@@ -20,6 +20,11 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// File name of the generated master key inside the data dir.
 pub const MASTER_KEY_FILE: &str = "master.key";
+/// Suffix of a retired master key kept next to the key file after a rotation:
+/// `<key file>.previous-<key id>`. It still opens values until the operator deletes it.
+pub const PREVIOUS_KEY_SUFFIX: &str = ".previous-";
+/// Suffix of the key a rotation is moving to, until the rotation completes: `<key file>.next`.
+pub const NEXT_KEY_SUFFIX: &str = ".next";
 /// Format version prefix of sealed values.
 const VERSION: &str = "v1";
 /// AES-GCM nonce length (96 bits).
@@ -96,6 +101,83 @@ impl MasterKey {
         Self::from_file(&path)
     }
 
+    /// Writes the key to `path` as base64 with mode 0600, atomically replacing any file there.
+    pub fn write_file(&self, path: &Path) -> Result<(), CryptoError> {
+        let mut contents = Zeroizing::new(STANDARD.encode(self.0));
+        contents.push('\n');
+        util::replace_private_file(path, contents.as_bytes())
+    }
+
+    /// The keys kept next to `key_file` by a master-key rotation, which still open sealed
+    /// values: every `<key file>.previous-*` and a `<key file>.next` left by an interrupted
+    /// rotation. Missing files are simply not there; an unreadable one is an error.
+    pub fn load_retained(key_file: &Path) -> Result<Vec<MasterKey>, CryptoError> {
+        let Some(name) = key_file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            return Ok(Vec::new());
+        };
+        let dir = match key_file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(err(format!("cannot list {}: {e}", dir.display()))),
+        };
+        let previous = format!("{name}{PREVIOUS_KEY_SUFFIX}");
+        let next = format!("{name}{NEXT_KEY_SUFFIX}");
+        let mut paths: Vec<std::path::PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .is_some_and(|n| n.starts_with(&previous) || *n == next)
+            })
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| Self::from_file(p)).collect()
+    }
+
+    /// First half of a rotation from `self` to `new` for the key kept in `key_file`: keeps
+    /// this key as `<key file>.previous-<id>` and writes `new` as `<key file>.next` (both
+    /// 0600). Returns the path of the kept old key. Until [`MasterKey::finish_rotation`],
+    /// both files are picked up by [`MasterKey::load_retained`], so values sealed under
+    /// either key open whatever happens in between.
+    pub fn begin_rotation(
+        &self,
+        key_file: &Path,
+        new: &MasterKey,
+    ) -> Result<std::path::PathBuf, CryptoError> {
+        let kept = sibling(key_file, &format!("{PREVIOUS_KEY_SUFFIX}{}", self.id()));
+        let mut contents = Zeroizing::new(STANDARD.encode(self.0));
+        contents.push('\n');
+        util::create_private_file(&kept, contents.as_bytes())?;
+        if Self::from_file(&kept)?.id() != self.id() {
+            return Err(err(format!(
+                "{} exists and holds another key",
+                kept.display()
+            )));
+        }
+        new.write_file(&sibling(key_file, NEXT_KEY_SUFFIX))?;
+        Ok(kept)
+    }
+
+    /// Second half of a rotation: moves `<key file>.next` over the key file.
+    pub fn finish_rotation(key_file: &Path) -> Result<(), CryptoError> {
+        let next = sibling(key_file, NEXT_KEY_SUFFIX);
+        std::fs::rename(&next, key_file).map_err(|e| {
+            err(format!(
+                "cannot move {} to {}: {e}",
+                next.display(),
+                key_file.display()
+            ))
+        })
+    }
+
     /// The key as standard base64 (for `nexplane` tooling that prints a new key).
     pub fn to_base64(&self) -> SecretString {
         SecretString::new(STANDARD.encode(self.0))
@@ -115,6 +197,16 @@ impl MasterKey {
     pub fn expose_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(suffix);
+    path.with_file_name(name)
 }
 
 /// Seals and opens secret values with AES-256-GCM. Holds every known key by id; seals with
@@ -297,6 +389,24 @@ impl Sealer {
     }
 }
 
+impl nexplane_ports::CredentialSealer for Sealer {
+    fn seal(
+        &self,
+        value: &SecretString,
+        aad: &str,
+    ) -> Result<nexplane_domain::SealedValue, CryptoError> {
+        Sealer::seal(self, value, aad).map(nexplane_domain::SealedValue::new)
+    }
+
+    fn open(
+        &self,
+        sealed: &nexplane_domain::SealedValue,
+        aad: &str,
+    ) -> Result<SecretString, CryptoError> {
+        Sealer::open(self, sealed.as_str(), aad)
+    }
+}
+
 /// The associated data actually authenticated: version, key id and the caller's context.
 fn associated_data(key_id: &str, aad: &str) -> String {
     format!("{VERSION}.{key_id}.{aad}")
@@ -475,6 +585,36 @@ mod tests {
         let text = format!("{s:?}");
         assert!(text.contains("[redacted]"));
         assert!(!text.contains("65, 65"), "{text}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn rotation_files_keep_the_old_key_until_removed() {
+        let dir = TempDir::new("rotate");
+        let data = dir.path().join("data");
+        let old = MasterKey::load_or_generate(&data).unwrap();
+        let file = data.join(MASTER_KEY_FILE);
+        assert!(MasterKey::load_retained(&file).unwrap().is_empty());
+        let new = MasterKey::generate().unwrap();
+        let kept = old.begin_rotation(&file, &new).unwrap();
+        assert_eq!(crate::testutil::mode(&kept), 0o600);
+        let mut ids: Vec<String> = MasterKey::load_retained(&file)
+            .unwrap()
+            .iter()
+            .map(MasterKey::id)
+            .collect();
+        ids.sort();
+        let mut want = vec![old.id(), new.id()];
+        want.sort();
+        assert_eq!(ids, want, "an interrupted rotation still knows both keys");
+        MasterKey::finish_rotation(&file).unwrap();
+        assert_eq!(MasterKey::from_file(&file).unwrap().id(), new.id());
+        assert_eq!(crate::testutil::mode(&file), 0o600);
+        let retained = MasterKey::load_retained(&file).unwrap();
+        assert_eq!(retained.len(), 1);
+        assert_eq!(retained[0].id(), old.id());
+        std::fs::remove_file(&kept).unwrap();
+        assert!(MasterKey::load_retained(&file).unwrap().is_empty());
     }
 
     #[cfg(unix)]

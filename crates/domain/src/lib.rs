@@ -85,22 +85,26 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod asset;
 pub mod audit;
 pub mod auth;
 pub mod change_request;
 pub mod change_type;
+pub mod connector;
 pub mod id;
 pub mod job;
 pub mod secret;
 pub mod time;
 pub mod user;
 
+pub use asset::Asset;
 pub use auth::{AccessClaims, Principal, RefreshTokenRecord, Session};
 pub use change_request::{
     apply, create, Action, ActionKind, Actor, Approval, ChangeRequest, DomainError, DomainEvent,
     Environment, NewChangeRequest, Policy, Rejection, RequiredApprovals, Risk, RiskLevel, State,
 };
 pub use change_type::{ChangeType, ConnectorType, RollbackKind};
+pub use connector::{Connector, ConnectorStatus, SealedValue};
 pub use id::*;
 pub use job::{Job, JobKind, JobOutcome, JobStatus, Progress};
 pub use secret::{PasswordHash, SecretString};

@@ -11,9 +11,11 @@ pub mod cloud;
 
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent};
 use nexplane_domain::{
-    AccessClaims, PasswordHash, RefreshTokenRecord, SecretString, Session, SessionId, Timestamp,
+    AccessClaims, Asset, AssetId, Connector, ConnectorId, Environment, Job, JobId, JobKind,
+    PasswordHash, RefreshTokenRecord, SealedValue, SecretString, Session, SessionId, Timestamp,
     User, UserId,
 };
+use std::collections::BTreeMap;
 
 /// A storage failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +61,22 @@ pub struct AuditFilter {
     /// Before.
     pub to: Option<Timestamp>,
 }
+
+/// Filters of `GET /assets` (api.md §5).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AssetFilter {
+    /// Assets of this connector.
+    pub connector_id: Option<ConnectorId>,
+    /// Assets of this type.
+    pub asset_type: Option<String>,
+    /// Case-insensitive substring of the name or the external id.
+    pub q: Option<String>,
+    /// Include assets a discovery no longer found.
+    pub include_removed: bool,
+}
+
+/// The sealed credentials of a connector, by name.
+pub type SealedCredentials = BTreeMap<String, SealedValue>;
 
 /// The operations available inside one database transaction.
 pub trait Repo {
@@ -109,6 +127,96 @@ pub trait Repo {
     ) -> Result<Vec<AuditEvent>, StoreError>;
     /// Up to `limit` events with `seq > after_seq`, in ascending `seq` order (for verification).
     fn scan_audit(&mut self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Inserts a connector and its sealed credentials. Duplicate name →
+    /// [`StoreError::Conflict`] (the transaction stays usable).
+    fn insert_connector(
+        &mut self,
+        connector: &Connector,
+        credentials: &SealedCredentials,
+    ) -> Result<(), StoreError>;
+    /// Overwrites a connector's mutable fields (name, environment, settings, status, test and
+    /// discovery times, updated_at). Duplicate name → [`StoreError::Conflict`] (the
+    /// transaction stays usable). `credential_keys` is ignored: see
+    /// [`Repo::replace_credentials`].
+    fn update_connector(&mut self, connector: &Connector) -> Result<(), StoreError>;
+    /// A connector by id (with its credential names).
+    fn get_connector(&mut self, id: &ConnectorId) -> Result<Option<Connector>, StoreError>;
+    /// A connector by id, locked until the end of the transaction (`FOR UPDATE` on
+    /// PostgreSQL; SQLite transactions hold the write lock already).
+    fn lock_connector(&mut self, id: &ConnectorId) -> Result<Option<Connector>, StoreError>;
+    /// Connectors, newest first, keyset by id.
+    fn list_connectors(&mut self, page: &Page) -> Result<Vec<Connector>, StoreError>;
+    /// Deletes a connector with its credentials and assets. Returns whether it existed.
+    fn delete_connector(&mut self, id: &ConnectorId) -> Result<bool, StoreError>;
+    /// The sealed credentials of a connector.
+    fn get_credentials(&mut self, id: &ConnectorId) -> Result<SealedCredentials, StoreError>;
+    /// Replaces the whole stored credential set of a connector.
+    fn replace_credentials(
+        &mut self,
+        id: &ConnectorId,
+        credentials: &SealedCredentials,
+    ) -> Result<(), StoreError>;
+    /// Every stored credential of every connector, ordered by connector id then name (for
+    /// re-sealing under a new master key).
+    fn all_credentials(&mut self) -> Result<Vec<(ConnectorId, String, SealedValue)>, StoreError>;
+    /// Overwrites one stored credential value.
+    fn update_credential(
+        &mut self,
+        id: &ConnectorId,
+        name: &str,
+        value: &SealedValue,
+    ) -> Result<(), StoreError>;
+
+    /// Inserts a job. A second queued or running discovery of the same connector →
+    /// [`StoreError::Conflict`] (the transaction stays usable).
+    fn insert_job(&mut self, job: &Job) -> Result<(), StoreError>;
+    /// A job by id.
+    fn get_job(&mut self, id: &JobId) -> Result<Option<Job>, StoreError>;
+    /// A job by id, locked until the end of the transaction (`FOR UPDATE` on PostgreSQL).
+    fn lock_job(&mut self, id: &JobId) -> Result<Option<Job>, StoreError>;
+    /// Overwrites a job's mutable fields (status, progress, result, error, times, lease,
+    /// attempts).
+    fn update_job(&mut self, job: &Job) -> Result<(), StoreError>;
+    /// The queued or running job of `kind` on a resource, if any (the newest).
+    fn find_active_job(
+        &mut self,
+        kind: JobKind,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> Result<Option<Job>, StoreError>;
+    /// The oldest job of one of `kinds` that a worker may claim at `now` (queued, or running
+    /// with an expired lease), locked for this transaction so no other worker gets it:
+    /// `FOR UPDATE SKIP LOCKED` on PostgreSQL, the write lock of the transaction on SQLite.
+    fn next_claimable_job(
+        &mut self,
+        kinds: &[JobKind],
+        now: Timestamp,
+    ) -> Result<Option<Job>, StoreError>;
+
+    /// Every stored asset of a connector, removed ones included.
+    fn connector_assets(&mut self, connector_id: &ConnectorId) -> Result<Vec<Asset>, StoreError>;
+    /// Inserts new assets.
+    fn insert_assets(&mut self, assets: &[Asset]) -> Result<(), StoreError>;
+    /// Overwrites an asset's name, region, environment, attributes, last_seen_at and
+    /// removed_at.
+    fn update_asset(&mut self, asset: &Asset) -> Result<(), StoreError>;
+    /// Sets `last_seen_at` of these assets.
+    fn touch_assets(&mut self, ids: &[AssetId], at: Timestamp) -> Result<(), StoreError>;
+    /// Sets `removed_at` of these assets.
+    fn mark_assets_removed(&mut self, ids: &[AssetId], at: Timestamp) -> Result<(), StoreError>;
+    /// Sets the environment of every asset of a connector (after the connector's changed).
+    fn set_assets_environment(
+        &mut self,
+        connector_id: &ConnectorId,
+        environment: Environment,
+    ) -> Result<(), StoreError>;
+    /// Number of stored assets of a connector, removed ones included.
+    fn count_connector_assets(&mut self, connector_id: &ConnectorId) -> Result<i64, StoreError>;
+    /// Assets matching `filter`, newest first, keyset by id.
+    fn list_assets(&mut self, filter: &AssetFilter, page: &Page) -> Result<Vec<Asset>, StoreError>;
+    /// An asset by id.
+    fn get_asset(&mut self, id: &AssetId) -> Result<Option<Asset>, StoreError>;
 }
 
 /// A database: runs closures inside transactions.
@@ -167,6 +275,17 @@ pub enum TokenError {
     /// Malformed, wrong algorithm, unknown key, bad signature or wrong claims.
     #[error("invalid token: {0}")]
     Invalid(String),
+}
+
+/// Seals credential values for storage and opens them again (AES-256-GCM in
+/// `nexplane-crypto`). `aad` binds a sealed value to its record (the connector id), so it
+/// does not open anywhere else.
+pub trait CredentialSealer: Send + Sync {
+    /// Encrypts `value` under the current master key with a fresh nonce.
+    fn seal(&self, value: &SecretString, aad: &str) -> Result<SealedValue, CryptoError>;
+    /// Decrypts a value made by [`CredentialSealer::seal`] with the same `aad`, under
+    /// whichever known key it names.
+    fn open(&self, sealed: &SealedValue, aad: &str) -> Result<SecretString, CryptoError>;
 }
 
 /// Password hashing (argon2id). Blocking and slow by design: call on a blocking pool.

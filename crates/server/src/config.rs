@@ -69,6 +69,11 @@ pub struct Config {
     pub db_pool_size: u32,
     /// `NEXPLANE_DB_CONNECT_TIMEOUT_SECONDS` (default 5; at most 10).
     pub db_connect_timeout_secs: u64,
+    /// `NEXPLANE_JOB_WORKERS`: jobs (discoveries) this server runs at once (default 2).
+    pub job_workers: usize,
+    /// `NEXPLANE_JOB_LEASE_SECONDS`: lease a worker holds on a job (default 60, at least 4);
+    /// a job whose worker stops renewing it is resumed by another worker after this long.
+    pub job_lease_secs: i64,
 }
 
 /// Keys a config file may set (the variable names without `NEXPLANE_`, lowercase).
@@ -90,6 +95,8 @@ const KEYS: &[&str] = &[
     "workers",
     "db_pool_size",
     "db_connect_timeout_seconds",
+    "job_workers",
+    "job_lease_seconds",
 ];
 
 /// Where values come from: the environment first, then the file.
@@ -242,7 +249,13 @@ impl Config {
             "workers",
             std::thread::available_parallelism().map_or(2, usize::from),
         )?;
+        let job_lease_secs: i64 = positive(src, "job_lease_seconds", 60)?;
+        if job_lease_secs < 4 {
+            return Err(err("NEXPLANE_JOB_LEASE_SECONDS", "must be at least 4"));
+        }
         Ok(Config {
+            job_workers: positive(src, "job_workers", 2)?,
+            job_lease_secs,
             bind,
             database_url,
             master_key: src.get("master_key").map(|(_, v)| SecretString::new(v)),

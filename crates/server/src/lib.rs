@@ -7,15 +7,18 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod worker;
 
 use config::Config;
 use nexplane_api::{ApiConfig, ApiState};
 use nexplane_app::{App, Deps, Settings};
-use nexplane_crypto::{Argon2Hasher, MasterKey, OsRandom, RsaTokenSigner};
+use nexplane_crypto::{Argon2Hasher, MasterKey, OsRandom, RsaTokenSigner, Sealer};
 use nexplane_domain::{SecretString, Timestamp};
-use nexplane_ports::{Clock, Random};
+use nexplane_ports::cloud::CloudProvider;
+use nexplane_ports::{Clock, CredentialSealer, Random};
 use nexplane_store::{Db, DbOptions};
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,8 +82,69 @@ pub fn open_database(cfg: &Config) -> Result<Db, StartError> {
     Ok(db)
 }
 
+/// Where the master key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeySource {
+    /// `NEXPLANE_MASTER_KEY` (the value itself).
+    Env,
+    /// A key file: `NEXPLANE_MASTER_KEY_FILE`, or `master.key` generated in the data dir.
+    File(PathBuf),
+}
+
+/// The master keys in force: the current one (seals), the retained ones (still open values
+/// sealed before a rotation: `<key file>.previous-*`, and `<key file>.next` left by an
+/// interrupted rotation), and where the current one comes from.
+pub fn load_master_keys(
+    cfg: &Config,
+) -> Result<(MasterKey, Vec<MasterKey>, MasterKeySource), StartError> {
+    let keys_err = |e: nexplane_ports::CryptoError| StartError::Keys(format!("master key: {e}"));
+    let (current, source) = match (&cfg.master_key, &cfg.master_key_file) {
+        (Some(k), _) => (
+            MasterKey::from_base64(k.expose())
+                .map_err(|e| StartError::Keys(format!("NEXPLANE_MASTER_KEY: {e}")))?,
+            MasterKeySource::Env,
+        ),
+        (None, Some(p)) => (
+            MasterKey::from_file(p)
+                .map_err(|e| StartError::Keys(format!("NEXPLANE_MASTER_KEY_FILE: {e}")))?,
+            MasterKeySource::File(p.clone()),
+        ),
+        (None, None) => (
+            MasterKey::load_or_generate(&cfg.data_dir).map_err(keys_err)?,
+            MasterKeySource::File(cfg.data_dir.join(nexplane_crypto::MASTER_KEY_FILE)),
+        ),
+    };
+    let retained = match &source {
+        MasterKeySource::File(p) => MasterKey::load_retained(p).map_err(keys_err)?,
+        MasterKeySource::Env => Vec::new(),
+    };
+    let mut unique: Vec<MasterKey> = Vec::new();
+    for k in retained {
+        if k.id() != current.id() && !unique.iter().any(|u| u.id() == k.id()) {
+            unique.push(k);
+        }
+    }
+    Ok((current, unique, source))
+}
+
+/// The default cloud providers: the `aws` adapter.
+pub fn default_cloud() -> Arc<dyn CloudProvider> {
+    Arc::new(nexplane_aws::AwsProvider::new())
+}
+
 /// Builds the application (database, keys, bootstrap admin) without serving it.
 pub fn build_app(cfg: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError> {
+    build_app_with(cfg, clock, default_cloud(), None)
+}
+
+/// [`build_app`] with the cloud providers given, and optionally a credential sealer other
+/// than the one of the configured master keys (the master-key rotation uses that).
+pub fn build_app_with(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    cloud: Arc<dyn CloudProvider>,
+    sealer: Option<Arc<dyn CredentialSealer>>,
+) -> Result<App, StartError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| StartError::Other(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
     let db = open_database(cfg)?;
@@ -92,13 +156,17 @@ pub fn build_app(cfg: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError>
     signer
         .load_previous_keys(&cfg.data_dir, clock.now())
         .map_err(|e| StartError::Keys(e.to_string()))?;
-    // The master key seals connector credentials; make sure it exists from the first start.
-    let _master = match (&cfg.master_key, &cfg.master_key_file) {
-        (Some(k), _) => MasterKey::from_base64(k.expose()),
-        (None, Some(p)) => MasterKey::from_file(p),
-        (None, None) => MasterKey::load_or_generate(&cfg.data_dir),
-    }
-    .map_err(|e| StartError::Keys(format!("NEXPLANE_MASTER_KEY: {e}")))?;
+    // The master key seals connector credentials; it exists from the first start.
+    let sealer = match sealer {
+        Some(s) => s,
+        None => {
+            let (current, retained, _) = load_master_keys(cfg)?;
+            Arc::new(
+                Sealer::from_master_keys(&current, &retained)
+                    .map_err(|e| StartError::Keys(format!("master key: {e}")))?,
+            )
+        }
+    };
     let random: Arc<dyn Random> = Arc::new(OsRandom::new());
     let app = App::new(
         Deps {
@@ -107,6 +175,8 @@ pub fn build_app(cfg: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError>
             signer: Arc::new(signer),
             clock,
             random: random.clone(),
+            sealer,
+            cloud,
         },
         Settings {
             session_ttl_secs: cfg.session_ttl_secs,
@@ -166,14 +236,29 @@ pub struct Running {
     pub handle: actix_web::dev::ServerHandle,
     /// Completes when the server has stopped.
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The job worker (discoveries).
+    pub worker: worker::WorkerHandle,
 }
 
 /// Builds everything and starts serving on `cfg.bind`. Must run inside a tokio runtime.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    start_with(cfg, clock, default_cloud()).await
+}
+
+/// [`start`] with the cloud providers given.
+pub async fn start_with(
+    cfg: Config,
+    clock: Arc<dyn Clock>,
+    cloud: Arc<dyn CloudProvider>,
+) -> Result<Running, StartError> {
     let c = cfg.clone();
-    let app = tokio::task::spawn_blocking(move || build_app(&c, clock))
+    let app = tokio::task::spawn_blocking(move || build_app_with(&c, clock, cloud, None))
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
+    let worker = worker::spawn(
+        app.clone(),
+        worker::WorkerOptions::new(cfg.job_workers, cfg.job_lease_secs),
+    );
     let listener = TcpListener::bind(cfg.bind).map_err(|e| {
         StartError::Other(format!("NEXPLANE_BIND: cannot listen on {}: {e}", cfg.bind))
     })?;
@@ -193,7 +278,79 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartE
     let handle = server.handle();
     let task = tokio::spawn(server);
     tracing::info!(%addr, "listening");
-    Ok(Running { addr, handle, task })
+    Ok(Running {
+        addr,
+        handle,
+        task,
+        worker,
+    })
+}
+
+/// What `nexplane keys rotate-master` did.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// Credential values re-sealed.
+    pub resealed: usize,
+    /// Id of the new master key.
+    pub new_key_id: String,
+    /// Id of the key it replaced.
+    pub previous_key_id: String,
+    /// Where the previous key is kept (when the key is a file), until the operator removes it.
+    pub previous_key_file: Option<PathBuf>,
+}
+
+/// Rotates the master key: re-seals every stored credential under a new key (read from
+/// `new_key_file`, else generated) in one transaction.
+///
+/// With a key file (generated `master.key`, or `NEXPLANE_MASTER_KEY_FILE`), the old key is
+/// first kept as `<key file>.previous-<id>` and the new one written as `<key file>.next`;
+/// after the commit the new key replaces the key file. Until the operator deletes the
+/// `.previous-` file, the server still opens values sealed with the old key. With
+/// `NEXPLANE_MASTER_KEY` (a value), `new_key_file` is required and the operator then sets
+/// `NEXPLANE_MASTER_KEY` to its contents.
+///
+/// Run it while the servers are stopped: a server holds the keys it read at start.
+pub fn rotate_master_key(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    new_key_file: Option<&Path>,
+) -> Result<Rotation, StartError> {
+    let keys_err = |e: nexplane_ports::CryptoError| StartError::Keys(e.to_string());
+    let (current, retained, source) = load_master_keys(cfg)?;
+    let new = match new_key_file {
+        Some(p) => MasterKey::from_file(p).map_err(keys_err)?,
+        None => MasterKey::generate().map_err(keys_err)?,
+    };
+    if new.id() == current.id() {
+        return Err(StartError::Keys(
+            "the new master key is the current one".into(),
+        ));
+    }
+    let previous_key_file = match &source {
+        MasterKeySource::File(p) => Some(current.begin_rotation(p, &new).map_err(keys_err)?),
+        MasterKeySource::Env if new_key_file.is_none() => {
+            return Err(StartError::Keys(
+                "NEXPLANE_MASTER_KEY is set: pass the new key with --new-key-file PATH".into(),
+            ))
+        }
+        MasterKeySource::Env => None,
+    };
+    let mut previous = vec![current.clone()];
+    previous.extend(retained.into_iter().filter(|k| k.id() != new.id()));
+    let sealer = Sealer::from_master_keys(&new, &previous).map_err(keys_err)?;
+    let app = build_app_with(cfg, clock, default_cloud(), Some(Arc::new(sealer)))?;
+    let resealed = app
+        .reseal_credentials(&new.id())
+        .map_err(|e| StartError::Other(format!("re-sealing credentials: {e}")))?;
+    if let MasterKeySource::File(p) = &source {
+        MasterKey::finish_rotation(p).map_err(keys_err)?;
+    }
+    Ok(Rotation {
+        resealed,
+        new_key_id: new.id(),
+        previous_key_id: current.id(),
+        previous_key_file,
+    })
 }
 
 /// Reads a password from standard input (one line).

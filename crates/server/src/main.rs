@@ -30,6 +30,23 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Manage keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-seal every stored connector credential under a new master key (run it with the
+    /// servers stopped). The old key is kept as `<key file>.previous-<id>` until you delete it.
+    RotateMaster {
+        /// The new key (a file holding 32 random bytes in base64); generated when omitted.
+        /// Required when the key comes from NEXPLANE_MASTER_KEY.
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,6 +103,9 @@ fn main() -> ExitCode {
         Command::User {
             command: UserCommand::Create { email, role, name },
         } => create_user(&cfg, email, role, name),
+        Command::Keys {
+            command: KeysCommand::RotateMaster { new_key_file },
+        } => rotate_master(&cfg, new_key_file),
         Command::Openapi => Ok(()),
     };
     match result {
@@ -117,6 +137,39 @@ fn serve(cfg: Config) -> Result<(), StartError> {
     // Idle blocking-pool threads would otherwise keep the process alive for a few seconds.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+fn rotate_master(cfg: &Config, new_key_file: Option<PathBuf>) -> Result<(), StartError> {
+    let r = nexplane::rotate_master_key(cfg, Arc::new(SystemClock), new_key_file.as_deref())?;
+    tracing::info!(
+        resealed = r.resealed,
+        new_key_id = %r.new_key_id,
+        previous_key_id = %r.previous_key_id,
+        "master key rotated"
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "resealed": r.resealed,
+            "new_key_id": r.new_key_id,
+            "previous_key_id": r.previous_key_id,
+            "previous_key_file": r.previous_key_file.as_ref().map(|p| p.display().to_string()),
+        })
+    );
+    match &r.previous_key_file {
+        Some(p) => eprintln!(
+            "nexplane: every credential is now sealed with key {}. The previous key is kept in {}; \
+             delete that file once every server runs with the new key.",
+            r.new_key_id,
+            p.display()
+        ),
+        None => eprintln!(
+            "nexplane: every credential is now sealed with key {}. Set NEXPLANE_MASTER_KEY to the \
+             contents of the new key file before starting the servers.",
+            r.new_key_id
+        ),
+    }
+    Ok(())
 }
 
 fn create_user(

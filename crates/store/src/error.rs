@@ -12,6 +12,16 @@ const PG_UNIQUE_CONSTRAINTS: &[(&str, &str)] = &[
     ("refresh_tokens_pkey", "refresh_tokens.token_hash"),
     ("audit_events_pkey", "audit_events.seq"),
     ("audit_events_id_key", "audit_events.id"),
+    ("connectors_pkey", "connectors.id"),
+    ("connectors_name_key", "connectors.name"),
+    ("connector_credentials_pkey", "connector_credentials.name"),
+    ("jobs_pkey", "jobs.id"),
+    ("jobs_one_active_discovery_idx", "jobs.resource_id"),
+    ("assets_pkey", "assets.id"),
+    (
+        "assets_connector_type_external_id_key",
+        "assets.connector_id, assets.type, assets.external_id",
+    ),
 ];
 
 /// The `table.column` (or constraint name) a unique violation is about.

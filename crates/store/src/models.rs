@@ -1,12 +1,16 @@
 //! Rows as stored, and their conversion to and from the domain model.
 
 use crate::error::corrupt;
-use crate::schema::{audit_events, refresh_tokens, sessions, users};
+use crate::schema::{
+    assets, audit_events, connector_credentials, connectors, jobs, refresh_tokens, sessions, users,
+};
 use diesel::prelude::*;
 use nexplane_domain::audit::AuditEvent;
+use nexplane_domain::job::Progress;
 use nexplane_domain::{
-    EventId, LockState, PasswordHash, RefreshTokenRecord, Role, Session, SessionId, Timestamp,
-    User, UserId,
+    Asset, AssetId, Connector, ConnectorId, ConnectorStatus, Environment, EventId, Job, JobId,
+    JobKind, JobStatus, LockState, PasswordHash, RefreshTokenRecord, Role, Session, SessionId,
+    Timestamp, User, UserId,
 };
 use nexplane_ports::StoreError;
 
@@ -199,6 +203,206 @@ impl TryFrom<AuditRow> for AuditEvent {
             payload: serde_json::from_str(&r.payload).map_err(|e| corrupt("audit_events", e))?,
             prev_hash: r.prev_hash,
             hash: r.hash,
+        })
+    }
+}
+
+fn to_json_text(what: &str, v: &impl serde::Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Other(format!("{what}: {e}")))
+}
+
+/// A `connectors` row. Settings are JSON text.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = connectors)]
+pub(crate) struct ConnectorRow {
+    pub id: String,
+    pub name: String,
+    pub connector_type: String,
+    pub environment: String,
+    pub settings: String,
+    pub status: String,
+    pub last_tested_at: Option<i64>,
+    pub last_test_error: Option<String>,
+    pub last_discovered_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl TryFrom<&Connector> for ConnectorRow {
+    type Error = StoreError;
+    fn try_from(c: &Connector) -> Result<Self, StoreError> {
+        Ok(ConnectorRow {
+            id: c.id.as_str().to_owned(),
+            name: c.name.clone(),
+            connector_type: c.connector_type.clone(),
+            environment: c.environment.as_str().to_owned(),
+            settings: to_json_text("connector settings", &c.settings)?,
+            status: c.status.as_str().to_owned(),
+            last_tested_at: c.last_tested_at.map(Timestamp::millis),
+            last_test_error: c.last_test_error.clone(),
+            last_discovered_at: c.last_discovered_at.map(Timestamp::millis),
+            created_at: c.created_at.millis(),
+            updated_at: c.updated_at.millis(),
+        })
+    }
+}
+
+impl ConnectorRow {
+    /// The domain value, with the names of its stored credentials.
+    pub(crate) fn into_connector(
+        self,
+        credential_keys: Vec<String>,
+    ) -> Result<Connector, StoreError> {
+        let bad = |d: String| corrupt("connectors", d);
+        Ok(Connector {
+            id: ConnectorId::parse(&self.id).map_err(|e| bad(e.to_string()))?,
+            environment: Environment::parse(&self.environment)
+                .ok_or_else(|| bad(format!("unknown environment {:?}", self.environment)))?,
+            status: ConnectorStatus::parse(&self.status)
+                .ok_or_else(|| bad(format!("unknown status {:?}", self.status)))?,
+            settings: serde_json::from_str(&self.settings).map_err(|e| bad(e.to_string()))?,
+            name: self.name,
+            connector_type: self.connector_type,
+            credential_keys,
+            last_tested_at: self.last_tested_at.map(ts),
+            last_test_error: self.last_test_error,
+            last_discovered_at: self.last_discovered_at.map(ts),
+            created_at: ts(self.created_at),
+            updated_at: ts(self.updated_at),
+        })
+    }
+}
+
+/// A `connector_credentials` row: one sealed value.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = connector_credentials)]
+pub(crate) struct CredentialRow {
+    pub connector_id: String,
+    pub name: String,
+    pub sealed_value: String,
+}
+
+/// A `jobs` row. Progress and result are JSON text.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = jobs)]
+pub(crate) struct JobRow {
+    pub id: String,
+    pub kind: String,
+    pub status: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub progress: String,
+    pub result: String,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<i64>,
+    pub attempts: i32,
+}
+
+impl TryFrom<&Job> for JobRow {
+    type Error = StoreError;
+    fn try_from(j: &Job) -> Result<Self, StoreError> {
+        Ok(JobRow {
+            id: j.id.as_str().to_owned(),
+            kind: j.kind.as_str().to_owned(),
+            status: j.status.as_str().to_owned(),
+            resource_type: j.resource_type.clone(),
+            resource_id: j.resource_id.clone(),
+            progress: to_json_text("job progress", &j.progress)?,
+            result: to_json_text("job result", &j.result)?,
+            error: j.error.clone(),
+            created_at: j.created_at.millis(),
+            started_at: j.started_at.map(Timestamp::millis),
+            finished_at: j.finished_at.map(Timestamp::millis),
+            lease_owner: j.lease_owner.clone(),
+            lease_until: j.lease_until.map(Timestamp::millis),
+            attempts: i32::try_from(j.attempts).unwrap_or(i32::MAX),
+        })
+    }
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+    fn try_from(r: JobRow) -> Result<Self, StoreError> {
+        let bad = |d: String| corrupt("jobs", d);
+        Ok(Job {
+            id: JobId::parse(&r.id).map_err(|e| bad(e.to_string()))?,
+            kind: JobKind::parse(&r.kind)
+                .ok_or_else(|| bad(format!("unknown kind {:?}", r.kind)))?,
+            status: JobStatus::parse(&r.status)
+                .ok_or_else(|| bad(format!("unknown status {:?}", r.status)))?,
+            progress: serde_json::from_str::<Progress>(&r.progress)
+                .map_err(|e| bad(e.to_string()))?,
+            result: serde_json::from_str(&r.result).map_err(|e| bad(e.to_string()))?,
+            resource_type: r.resource_type,
+            resource_id: r.resource_id,
+            error: r.error,
+            created_at: ts(r.created_at),
+            started_at: r.started_at.map(ts),
+            finished_at: r.finished_at.map(ts),
+            lease_owner: r.lease_owner,
+            lease_until: r.lease_until.map(ts),
+            attempts: u32::try_from(r.attempts).unwrap_or(0),
+        })
+    }
+}
+
+/// An `assets` row. Attributes are JSON text.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = assets)]
+pub(crate) struct AssetRow {
+    pub id: String,
+    pub connector_id: String,
+    pub asset_type: String,
+    pub external_id: String,
+    pub name: String,
+    pub region: Option<String>,
+    pub environment: String,
+    pub attributes: String,
+    pub first_seen_at: i64,
+    pub last_seen_at: i64,
+    pub removed_at: Option<i64>,
+}
+
+impl TryFrom<&Asset> for AssetRow {
+    type Error = StoreError;
+    fn try_from(a: &Asset) -> Result<Self, StoreError> {
+        Ok(AssetRow {
+            id: a.id.as_str().to_owned(),
+            connector_id: a.connector_id.as_str().to_owned(),
+            asset_type: a.asset_type.clone(),
+            external_id: a.external_id.clone(),
+            name: a.name.clone(),
+            region: a.region.clone(),
+            environment: a.environment.as_str().to_owned(),
+            attributes: to_json_text("asset attributes", &a.attributes)?,
+            first_seen_at: a.first_seen_at.millis(),
+            last_seen_at: a.last_seen_at.millis(),
+            removed_at: a.removed_at.map(Timestamp::millis),
+        })
+    }
+}
+
+impl TryFrom<AssetRow> for Asset {
+    type Error = StoreError;
+    fn try_from(r: AssetRow) -> Result<Self, StoreError> {
+        let bad = |d: String| corrupt("assets", d);
+        Ok(Asset {
+            id: AssetId::parse(&r.id).map_err(|e| bad(e.to_string()))?,
+            connector_id: ConnectorId::parse(&r.connector_id).map_err(|e| bad(e.to_string()))?,
+            environment: Environment::parse(&r.environment)
+                .ok_or_else(|| bad(format!("unknown environment {:?}", r.environment)))?,
+            attributes: serde_json::from_str(&r.attributes).map_err(|e| bad(e.to_string()))?,
+            asset_type: r.asset_type,
+            external_id: r.external_id,
+            name: r.name,
+            region: r.region,
+            first_seen_at: ts(r.first_seen_at),
+            last_seen_at: ts(r.last_seen_at),
+            removed_at: r.removed_at.map(ts),
         })
     }
 }

@@ -2,12 +2,43 @@
 
 use crate::conn::DbConn;
 use crate::error::db_err;
-use crate::models::{AuditRow, RefreshTokenRow, SessionRow, UserRow};
-use crate::schema::{audit_events, refresh_tokens, sessions, users};
+use crate::models::{
+    AssetRow, AuditRow, ConnectorRow, CredentialRow, JobRow, RefreshTokenRow, SessionRow, UserRow,
+};
+use crate::schema::{
+    assets, audit_events, connector_credentials, connectors, jobs, refresh_tokens, sessions, users,
+};
 use diesel::prelude::*;
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent, GENESIS_HASH};
-use nexplane_domain::{RefreshTokenRecord, Session, SessionId, Timestamp, User, UserId};
-use nexplane_ports::{AuditFilter, Page, Repo, StoreError};
+use nexplane_domain::{
+    Asset, AssetId, Connector, ConnectorId, Environment, Job, JobId, JobKind, RefreshTokenRecord,
+    SealedValue, Session, SessionId, Timestamp, User, UserId,
+};
+use nexplane_ports::{AssetFilter, AuditFilter, Page, Repo, SealedCredentials, StoreError};
+use std::collections::BTreeMap;
+
+diesel::define_sql_function! {
+    /// SQL `lower(text)`, the same on both backends.
+    fn lower(x: diesel::sql_types::Text) -> diesel::sql_types::Text;
+}
+
+/// Rows per statement for batched inserts and `IN (…)` lists (well below SQLite's limit of
+/// bound parameters).
+const CHUNK: usize = 500;
+
+/// `LIKE` pattern for a substring, with `\`, `%` and `_` escaped (escape character `\`).
+fn contains_pattern(needle: &str) -> String {
+    let mut p = String::with_capacity(needle.len() + 2);
+    p.push('%');
+    for c in needle.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
 
 /// Key of the PostgreSQL advisory lock that serializes audit appends ("nxpaudit").
 pub(crate) const AUDIT_LOCK_KEY: i64 = 0x6e78_7061_7564_6974;
@@ -32,6 +63,65 @@ impl<'c> SqlRepo<'c> {
     /// The first statement error of this transaction, if any.
     pub(crate) fn failure(&mut self) -> Option<StoreError> {
         self.failed.take()
+    }
+
+    /// Maps the result of a statement run in a savepoint: a unique violation is returned
+    /// without poisoning the transaction; any other failure is remembered.
+    fn track_allowing_conflict<T>(&mut self, r: QueryResult<T>) -> Result<T, StoreError> {
+        r.map_err(|e| match db_err(e) {
+            conflict @ StoreError::Conflict(_) => conflict,
+            other => {
+                self.failed.get_or_insert_with(|| other.clone());
+                other
+            }
+        })
+    }
+
+    /// The credential names of these connectors.
+    fn credential_keys(
+        &mut self,
+        ids: &[&str],
+    ) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let r = connector_credentials::table
+                .filter(connector_credentials::connector_id.eq_any(chunk))
+                .select((
+                    connector_credentials::connector_id,
+                    connector_credentials::name,
+                ))
+                .order((
+                    connector_credentials::connector_id.asc(),
+                    connector_credentials::name.asc(),
+                ))
+                .load::<(String, String)>(self.conn);
+            for (id, name) in self.track(r)? {
+                out.entry(id).or_default().push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attaches credential names to connector rows.
+    fn connectors_from(&mut self, rows: Vec<ConnectorRow>) -> Result<Vec<Connector>, StoreError> {
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let mut keys = self.credential_keys(&ids)?;
+        rows.into_iter()
+            .map(|r| {
+                let k = keys.remove(&r.id).unwrap_or_default();
+                r.into_connector(k)
+            })
+            .collect()
+    }
+
+    fn one_connector(
+        &mut self,
+        row: Option<ConnectorRow>,
+    ) -> Result<Option<Connector>, StoreError> {
+        match row {
+            Some(r) => Ok(self.connectors_from(vec![r])?.pop()),
+            None => Ok(None),
+        }
     }
 
     /// Maps a statement result, remembering the first failure.
@@ -68,16 +158,7 @@ impl Repo for SqlRepo<'_> {
         let r = self
             .conn
             .transaction(|c| diesel::insert_into(users::table).values(&row).execute(c));
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => match db_err(e) {
-                conflict @ StoreError::Conflict(_) => Err(conflict),
-                other => {
-                    self.failed.get_or_insert_with(|| other.clone());
-                    Err(other)
-                }
-            },
-        }
+        self.track_allowing_conflict(r).map(drop)
     }
 
     fn update_user(&mut self, user: &User) -> Result<(), StoreError> {
@@ -293,4 +374,423 @@ impl Repo for SqlRepo<'_> {
             .map(AuditEvent::try_from)
             .collect()
     }
+
+    fn insert_connector(
+        &mut self,
+        connector: &Connector,
+        credentials: &SealedCredentials,
+    ) -> Result<(), StoreError> {
+        let row = ConnectorRow::try_from(connector)?;
+        let creds = credential_rows(&connector.id, credentials);
+        // In a savepoint, so a duplicate name leaves the transaction usable.
+        let r = self.conn.transaction(|c| {
+            diesel::insert_into(connectors::table)
+                .values(&row)
+                .execute(c)?;
+            for cred in &creds {
+                diesel::insert_into(connector_credentials::table)
+                    .values(cred)
+                    .execute(c)?;
+            }
+            Ok::<_, diesel::result::Error>(())
+        });
+        self.track_allowing_conflict(r)
+    }
+
+    fn update_connector(&mut self, connector: &Connector) -> Result<(), StoreError> {
+        let row = ConnectorRow::try_from(connector)?;
+        let r = self.conn.transaction(|c| {
+            diesel::update(connectors::table.find(&row.id))
+                .set((
+                    connectors::name.eq(&row.name),
+                    connectors::environment.eq(&row.environment),
+                    connectors::settings.eq(&row.settings),
+                    connectors::status.eq(&row.status),
+                    connectors::last_tested_at.eq(row.last_tested_at),
+                    connectors::last_test_error.eq(&row.last_test_error),
+                    connectors::last_discovered_at.eq(row.last_discovered_at),
+                    connectors::updated_at.eq(row.updated_at),
+                ))
+                .execute(c)
+        });
+        if self.track_allowing_conflict(r)? == 0 {
+            return Err(StoreError::Other(format!("no connector {}", row.id)));
+        }
+        Ok(())
+    }
+
+    fn get_connector(&mut self, id: &ConnectorId) -> Result<Option<Connector>, StoreError> {
+        let r = connectors::table
+            .find(id.as_str())
+            .select(ConnectorRow::as_select())
+            .first(self.conn)
+            .optional();
+        let row = self.track(r)?;
+        self.one_connector(row)
+    }
+
+    fn lock_connector(&mut self, id: &ConnectorId) -> Result<Option<Connector>, StoreError> {
+        macro_rules! query {
+            () => {
+                connectors::table
+                    .find(id.as_str())
+                    .select(ConnectorRow::as_select())
+            };
+        }
+        let r = match &mut *self.conn {
+            DbConn::Pg(c) => query!().for_update().first(c).optional(),
+            DbConn::Sqlite(c) => query!().first(c).optional(),
+        };
+        let row = self.track(r)?;
+        self.one_connector(row)
+    }
+
+    fn list_connectors(&mut self, page: &Page) -> Result<Vec<Connector>, StoreError> {
+        let mut q = connectors::table
+            .select(ConnectorRow::as_select())
+            .into_boxed();
+        if let Some(after) = &page.after {
+            q = q.filter(connectors::id.lt(after));
+        }
+        let r = q
+            .order(connectors::id.desc())
+            .limit(limit(page.limit))
+            .load(self.conn);
+        let rows = self.track(r)?;
+        self.connectors_from(rows)
+    }
+
+    fn delete_connector(&mut self, id: &ConnectorId) -> Result<bool, StoreError> {
+        // Lock the row first: a discovery finishing concurrently (which locks it too) either
+        // completes before, and its assets go with the connector, or finds it gone.
+        if self.lock_connector(id)?.is_none() {
+            return Ok(false);
+        }
+        let r = diesel::delete(assets::table.filter(assets::connector_id.eq(id.as_str())))
+            .execute(self.conn);
+        self.track(r)?;
+        let r = diesel::delete(
+            connector_credentials::table
+                .filter(connector_credentials::connector_id.eq(id.as_str())),
+        )
+        .execute(self.conn);
+        self.track(r)?;
+        let r = diesel::delete(connectors::table.find(id.as_str())).execute(self.conn);
+        Ok(self.track(r)? == 1)
+    }
+
+    fn get_credentials(&mut self, id: &ConnectorId) -> Result<SealedCredentials, StoreError> {
+        let r = connector_credentials::table
+            .filter(connector_credentials::connector_id.eq(id.as_str()))
+            .select((
+                connector_credentials::name,
+                connector_credentials::sealed_value,
+            ))
+            .load::<(String, String)>(self.conn);
+        Ok(self
+            .track(r)?
+            .into_iter()
+            .map(|(name, v)| (name, SealedValue::new(v)))
+            .collect())
+    }
+
+    fn replace_credentials(
+        &mut self,
+        id: &ConnectorId,
+        credentials: &SealedCredentials,
+    ) -> Result<(), StoreError> {
+        let r = diesel::delete(
+            connector_credentials::table
+                .filter(connector_credentials::connector_id.eq(id.as_str())),
+        )
+        .execute(self.conn);
+        self.track(r)?;
+        for row in credential_rows(id, credentials) {
+            let r = diesel::insert_into(connector_credentials::table)
+                .values(&row)
+                .execute(self.conn);
+            self.track(r)?;
+        }
+        Ok(())
+    }
+
+    fn all_credentials(&mut self) -> Result<Vec<(ConnectorId, String, SealedValue)>, StoreError> {
+        let r = connector_credentials::table
+            .select(CredentialRow::as_select())
+            .order((
+                connector_credentials::connector_id.asc(),
+                connector_credentials::name.asc(),
+            ))
+            .load(self.conn);
+        self.track(r)?
+            .into_iter()
+            .map(|row| {
+                let id = ConnectorId::parse(&row.connector_id)
+                    .map_err(|e| crate::error::corrupt("connector_credentials", e))?;
+                Ok((id, row.name, SealedValue::new(row.sealed_value)))
+            })
+            .collect()
+    }
+
+    fn update_credential(
+        &mut self,
+        id: &ConnectorId,
+        name: &str,
+        value: &SealedValue,
+    ) -> Result<(), StoreError> {
+        let r = diesel::update(connector_credentials::table.find((id.as_str(), name)))
+            .set(connector_credentials::sealed_value.eq(value.as_str()))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no credential {name} of {id}")));
+        }
+        Ok(())
+    }
+
+    fn insert_job(&mut self, job: &Job) -> Result<(), StoreError> {
+        let row = JobRow::try_from(job)?;
+        // In a savepoint: a racing second discovery of the same connector is a conflict the
+        // caller answers by reading the first one.
+        let r = self
+            .conn
+            .transaction(|c| diesel::insert_into(jobs::table).values(&row).execute(c));
+        self.track_allowing_conflict(r).map(drop)
+    }
+
+    fn get_job(&mut self, id: &JobId) -> Result<Option<Job>, StoreError> {
+        let r = jobs::table
+            .find(id.as_str())
+            .select(JobRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(Job::try_from).transpose()
+    }
+
+    fn lock_job(&mut self, id: &JobId) -> Result<Option<Job>, StoreError> {
+        macro_rules! query {
+            () => {
+                jobs::table.find(id.as_str()).select(JobRow::as_select())
+            };
+        }
+        let r = match &mut *self.conn {
+            DbConn::Pg(c) => query!().for_update().first(c).optional(),
+            DbConn::Sqlite(c) => query!().first(c).optional(),
+        };
+        self.track(r)?.map(Job::try_from).transpose()
+    }
+
+    fn update_job(&mut self, job: &Job) -> Result<(), StoreError> {
+        let row = JobRow::try_from(job)?;
+        let r = diesel::update(jobs::table.find(&row.id))
+            .set((
+                jobs::status.eq(&row.status),
+                jobs::progress.eq(&row.progress),
+                jobs::result.eq(&row.result),
+                jobs::error.eq(&row.error),
+                jobs::started_at.eq(row.started_at),
+                jobs::finished_at.eq(row.finished_at),
+                jobs::lease_owner.eq(&row.lease_owner),
+                jobs::lease_until.eq(row.lease_until),
+                jobs::attempts.eq(row.attempts),
+            ))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no job {}", row.id)));
+        }
+        Ok(())
+    }
+
+    fn find_active_job(
+        &mut self,
+        kind: JobKind,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> Result<Option<Job>, StoreError> {
+        let r = jobs::table
+            .filter(jobs::resource_type.eq(resource_type))
+            .filter(jobs::resource_id.eq(resource_id))
+            .filter(jobs::kind.eq(kind.as_str()))
+            .filter(jobs::status.eq_any(["queued", "running"]))
+            .order((jobs::created_at.desc(), jobs::id.desc()))
+            .select(JobRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(Job::try_from).transpose()
+    }
+
+    fn next_claimable_job(
+        &mut self,
+        kinds: &[JobKind],
+        now: Timestamp,
+    ) -> Result<Option<Job>, StoreError> {
+        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        let now = now.millis();
+        macro_rules! query {
+            () => {
+                jobs::table
+                    .filter(jobs::status.eq_any(["queued", "running"]))
+                    .filter(jobs::kind.eq_any(kinds.clone()))
+                    .filter(
+                        jobs::status
+                            .eq("queued")
+                            .or(jobs::lease_until.is_null().or(jobs::lease_until.le(now))),
+                    )
+                    .order((jobs::created_at.asc(), jobs::id.asc()))
+                    .select(JobRow::as_select())
+            };
+        }
+        let r = match &mut *self.conn {
+            // Rows another worker is claiming right now are skipped, not waited for.
+            DbConn::Pg(c) => query!().for_update().skip_locked().first(c).optional(),
+            // The IMMEDIATE transaction holds the database's write lock already.
+            DbConn::Sqlite(c) => query!().first(c).optional(),
+        };
+        self.track(r)?.map(Job::try_from).transpose()
+    }
+
+    fn connector_assets(&mut self, connector_id: &ConnectorId) -> Result<Vec<Asset>, StoreError> {
+        let r = assets::table
+            .filter(assets::connector_id.eq(connector_id.as_str()))
+            .select(AssetRow::as_select())
+            .load(self.conn);
+        self.track(r)?.into_iter().map(Asset::try_from).collect()
+    }
+
+    fn insert_assets(&mut self, new: &[Asset]) -> Result<(), StoreError> {
+        let rows = new
+            .iter()
+            .map(AssetRow::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = match &mut *self.conn {
+            // One multi-row INSERT per chunk saves round trips to the server.
+            DbConn::Pg(c) => rows.chunks(CHUNK / 10).try_for_each(|chunk| {
+                diesel::insert_into(assets::table)
+                    .values(chunk)
+                    .execute(c)
+                    .map(drop)
+            }),
+            // In-process: one statement per row costs little.
+            DbConn::Sqlite(c) => rows.iter().try_for_each(|row| {
+                diesel::insert_into(assets::table)
+                    .values(row)
+                    .execute(c)
+                    .map(drop)
+            }),
+        };
+        self.track(r)
+    }
+
+    fn update_asset(&mut self, asset: &Asset) -> Result<(), StoreError> {
+        let row = AssetRow::try_from(asset)?;
+        let r = diesel::update(assets::table.find(&row.id))
+            .set((
+                assets::name.eq(&row.name),
+                assets::region.eq(&row.region),
+                assets::environment.eq(&row.environment),
+                assets::attributes.eq(&row.attributes),
+                assets::last_seen_at.eq(row.last_seen_at),
+                assets::removed_at.eq(row.removed_at),
+            ))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no asset {}", row.id)));
+        }
+        Ok(())
+    }
+
+    fn touch_assets(&mut self, ids: &[AssetId], at: Timestamp) -> Result<(), StoreError> {
+        for chunk in ids.chunks(CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(AssetId::as_str).collect();
+            let r = diesel::update(assets::table.filter(assets::id.eq_any(ids)))
+                .set(assets::last_seen_at.eq(at.millis()))
+                .execute(self.conn);
+            self.track(r)?;
+        }
+        Ok(())
+    }
+
+    fn mark_assets_removed(&mut self, ids: &[AssetId], at: Timestamp) -> Result<(), StoreError> {
+        for chunk in ids.chunks(CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(AssetId::as_str).collect();
+            let r = diesel::update(
+                assets::table
+                    .filter(assets::id.eq_any(ids))
+                    .filter(assets::removed_at.is_null()),
+            )
+            .set(assets::removed_at.eq(Some(at.millis())))
+            .execute(self.conn);
+            self.track(r)?;
+        }
+        Ok(())
+    }
+
+    fn set_assets_environment(
+        &mut self,
+        connector_id: &ConnectorId,
+        environment: Environment,
+    ) -> Result<(), StoreError> {
+        let r =
+            diesel::update(assets::table.filter(assets::connector_id.eq(connector_id.as_str())))
+                .set(assets::environment.eq(environment.as_str()))
+                .execute(self.conn);
+        self.track(r).map(drop)
+    }
+
+    fn count_connector_assets(&mut self, connector_id: &ConnectorId) -> Result<i64, StoreError> {
+        let r = assets::table
+            .filter(assets::connector_id.eq(connector_id.as_str()))
+            .count()
+            .get_result(self.conn);
+        self.track(r)
+    }
+
+    fn list_assets(&mut self, filter: &AssetFilter, page: &Page) -> Result<Vec<Asset>, StoreError> {
+        let mut q = assets::table.select(AssetRow::as_select()).into_boxed();
+        if let Some(c) = &filter.connector_id {
+            q = q.filter(assets::connector_id.eq(c.as_str().to_owned()));
+        }
+        if let Some(t) = &filter.asset_type {
+            q = q.filter(assets::asset_type.eq(t.clone()));
+        }
+        if !filter.include_removed {
+            q = q.filter(assets::removed_at.is_null());
+        }
+        if let Some(needle) = filter.q.as_deref().filter(|s| !s.is_empty()) {
+            let pattern = contains_pattern(&needle.to_lowercase());
+            q = q.filter(
+                lower(assets::name)
+                    .like(pattern.clone())
+                    .escape('\\')
+                    .or(lower(assets::external_id).like(pattern).escape('\\')),
+            );
+        }
+        if let Some(after) = &page.after {
+            q = q.filter(assets::id.lt(after.clone()));
+        }
+        let r = q
+            .order(assets::id.desc())
+            .limit(limit(page.limit))
+            .load(self.conn);
+        self.track(r)?.into_iter().map(Asset::try_from).collect()
+    }
+
+    fn get_asset(&mut self, id: &AssetId) -> Result<Option<Asset>, StoreError> {
+        let r = assets::table
+            .find(id.as_str())
+            .select(AssetRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(Asset::try_from).transpose()
+    }
+}
+
+fn credential_rows(id: &ConnectorId, credentials: &SealedCredentials) -> Vec<CredentialRow> {
+    credentials
+        .iter()
+        .map(|(name, v)| CredentialRow {
+            connector_id: id.as_str().to_owned(),
+            name: name.clone(),
+            sealed_value: v.as_str().to_owned(),
+        })
+        .collect()
 }

@@ -53,6 +53,78 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    connectors (id) {
+        id -> Text,
+        name -> Text,
+        #[sql_name = "type"]
+        connector_type -> Text,
+        environment -> Text,
+        settings -> Text,
+        status -> Text,
+        last_tested_at -> Nullable<BigInt>,
+        last_test_error -> Nullable<Text>,
+        last_discovered_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    connector_credentials (connector_id, name) {
+        connector_id -> Text,
+        name -> Text,
+        sealed_value -> Text,
+    }
+}
+
+diesel::table! {
+    jobs (id) {
+        id -> Text,
+        kind -> Text,
+        status -> Text,
+        resource_type -> Text,
+        resource_id -> Text,
+        progress -> Text,
+        result -> Text,
+        error -> Nullable<Text>,
+        created_at -> BigInt,
+        started_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<BigInt>,
+        attempts -> Integer,
+    }
+}
+
+diesel::table! {
+    assets (id) {
+        id -> Text,
+        connector_id -> Text,
+        #[sql_name = "type"]
+        asset_type -> Text,
+        external_id -> Text,
+        name -> Text,
+        region -> Nullable<Text>,
+        environment -> Text,
+        attributes -> Text,
+        first_seen_at -> BigInt,
+        last_seen_at -> BigInt,
+        removed_at -> Nullable<BigInt>,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(refresh_tokens -> sessions (session_id));
-diesel::allow_tables_to_appear_in_same_query!(users, sessions, refresh_tokens, audit_events);
+diesel::joinable!(connector_credentials -> connectors (connector_id));
+diesel::joinable!(assets -> connectors (connector_id));
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    sessions,
+    refresh_tokens,
+    audit_events,
+    connectors,
+    connector_credentials,
+    jobs,
+    assets
+);

@@ -6,11 +6,15 @@
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use nexplane_domain::audit::{AuditEvent, ChainCheck, ChainVerifier, NewAuditEvent};
+use nexplane_domain::job::{JobOutcome, Progress};
 use nexplane_domain::{
-    EventId, LockState, PasswordHash, RefreshTokenRecord, Role, Session, SessionId, Timestamp,
-    User, UserId,
+    Asset, AssetId, Connector, ConnectorId, ConnectorStatus, Environment, EventId, Job, JobId,
+    JobKind, JobStatus, LockState, PasswordHash, RefreshTokenRecord, Role, SealedValue, Session,
+    SessionId, Timestamp, User, UserId,
 };
-use nexplane_ports::{transaction, AuditFilter, Page, Store, StoreError};
+use nexplane_ports::{
+    transaction, AssetFilter, AuditFilter, Page, SealedCredentials, Store, StoreError,
+};
 use nexplane_store::{Backend, Db, DbOptions};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,6 +163,11 @@ on_both_backends!(
     audit_paging,
     failed_transaction_leaves_nothing,
     swallowed_statement_error_rolls_back,
+    connectors_and_sealed_credentials,
+    jobs_are_claimed_under_a_lease,
+    concurrent_workers_never_claim_the_same_job,
+    one_active_discovery_per_connector,
+    assets_upsert_filters_and_paging,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -239,7 +248,12 @@ fn seqs(events: &[AuditEvent]) -> Vec<i64> {
 fn migrations_apply_once(t: &TestDb) {
     assert_eq!(
         t.applied,
-        vec!["2026-12-01-000001_identity", "2026-12-01-000002_audit"]
+        vec![
+            "2026-12-01-000001_identity",
+            "2026-12-01-000002_audit",
+            "2026-12-04-000003_connectors",
+            "2026-12-04-000004_discovery"
+        ]
     );
     // TestDb already migrated once: a second run, and a run from another pool, apply nothing.
     assert_eq!(t.db.migrate().unwrap(), Vec::<String>::new());
@@ -922,5 +936,509 @@ fn dropped_postgres_database_is_unavailable_not_a_panic() {
     assert!(
         ok,
         "the pool did not recover after the connections were killed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connectors, jobs and assets
+
+fn connector(name: &str, created: Timestamp) -> Connector {
+    Connector {
+        id: ConnectorId::new(created, rnd()),
+        name: name.to_owned(),
+        connector_type: "aws".into(),
+        environment: Environment::Staging,
+        settings: serde_json::json!({"region": "us-east-1", "regions": ["us-east-1"]}),
+        credential_keys: vec!["aws_access_key_id".into(), "aws_secret_access_key".into()],
+        status: ConnectorStatus::Untested,
+        last_tested_at: None,
+        last_test_error: None,
+        last_discovered_at: None,
+        created_at: created,
+        updated_at: created,
+    }
+}
+
+fn sealed(pairs: &[(&str, &str)]) -> SealedCredentials {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), SealedValue::new(format!("v1.k.{v}"))))
+        .collect()
+}
+
+fn discovery_job(c: &Connector, created: Timestamp) -> Job {
+    Job::new(
+        JobId::new(created, rnd()),
+        JobKind::Discovery,
+        "connector",
+        c.id.as_str(),
+        created,
+    )
+}
+
+fn asset(c: &Connector, ty: &str, ext: &str, name: &str, created: Timestamp) -> Asset {
+    Asset {
+        id: AssetId::new(created, rnd()),
+        connector_id: c.id.clone(),
+        asset_type: ty.to_owned(),
+        external_id: ext.to_owned(),
+        name: name.to_owned(),
+        region: Some("us-east-1".into()),
+        environment: c.environment,
+        attributes: serde_json::json!({"name": name}),
+        first_seen_at: created,
+        last_seen_at: created,
+        removed_at: None,
+    }
+}
+
+fn connectors_and_sealed_credentials(t: &TestDb) {
+    let db = &t.db;
+    let a = connector("prod", at(0));
+    let creds = sealed(&[
+        ("aws_access_key_id", "n1.c1"),
+        ("aws_secret_access_key", "n2.c2"),
+    ]);
+    tx(db, |r| r.insert_connector(&a, &creds));
+    assert_eq!(tx(db, |r| r.get_connector(&a.id)), Some(a.clone()));
+    assert_eq!(tx(db, |r| r.get_credentials(&a.id)), creds);
+
+    // A duplicate name is a conflict that leaves the transaction usable.
+    let dup = connector("prod", at(1));
+    let n = tx(db, |r| {
+        assert_eq!(
+            r.insert_connector(&dup, &creds),
+            Err(StoreError::Conflict("connectors.name".into()))
+        );
+        r.list_connectors(&Page {
+            limit: 10,
+            after: None,
+        })
+        .map(|v| v.len())
+    });
+    assert_eq!(n, 1);
+
+    // Update, credentials replaced, rename onto a taken name refused.
+    let b = connector("staging", at(2));
+    tx(db, |r| r.insert_connector(&b, &SealedCredentials::new()));
+    assert_eq!(
+        tx(db, |r| r.get_connector(&b.id)).unwrap().credential_keys,
+        Vec::<String>::new()
+    );
+    let mut a2 = a.clone();
+    a2.status = ConnectorStatus::Ok;
+    a2.last_tested_at = Some(at(3));
+    a2.environment = Environment::Production;
+    a2.updated_at = at(3);
+    tx(db, |r| r.update_connector(&a2));
+    let one = sealed(&[("aws_session_token", "n3.c3")]);
+    tx(db, |r| r.replace_credentials(&a.id, &one));
+    let mut want = a2.clone();
+    want.credential_keys = vec!["aws_session_token".into()];
+    assert_eq!(tx(db, |r| r.get_connector(&a.id)), Some(want.clone()));
+    let mut clash = b.clone();
+    clash.name = "prod".into();
+    assert_eq!(
+        transaction(db, |r| r.update_connector(&clash)),
+        Err(StoreError::Conflict("connectors.name".into()))
+    );
+
+    // Keyset list, newest first; lock; re-sealing.
+    let list = tx(db, |r| {
+        r.list_connectors(&Page {
+            limit: 1,
+            after: None,
+        })
+    });
+    assert_eq!(
+        list.iter().map(|c| &c.name).collect::<Vec<_>>(),
+        ["staging"]
+    );
+    let next = tx(db, |r| {
+        r.list_connectors(&Page {
+            limit: 5,
+            after: Some(b.id.to_string()),
+        })
+    });
+    assert_eq!(next, vec![want.clone()]);
+    assert_eq!(tx(db, |r| r.lock_connector(&a.id)), Some(want));
+    let all = tx(db, |r| r.all_credentials());
+    assert_eq!(all.len(), 1);
+    tx(db, |r| {
+        r.update_credential(
+            &a.id,
+            "aws_session_token",
+            &SealedValue::new("v1.k2.x.y".into()),
+        )
+    });
+    assert_eq!(
+        tx(db, |r| r.get_credentials(&a.id))["aws_session_token"],
+        SealedValue::new("v1.k2.x.y".into())
+    );
+    // Plain text is refused by the schema.
+    let bad: SealedCredentials = [("x".to_owned(), SealedValue::new("plaintext".into()))]
+        .into_iter()
+        .collect();
+    assert!(transaction(db, |r| r.replace_credentials(&a.id, &bad)).is_err());
+
+    // Delete takes credentials and assets along.
+    let x = asset(&a, "iam_user", "arn:1", "u", at(4));
+    tx(db, |r| r.insert_assets(std::slice::from_ref(&x)));
+    assert!(tx(db, |r| r.delete_connector(&a.id)));
+    assert!(!tx(db, |r| r.delete_connector(&a.id)));
+    assert_eq!(tx(db, |r| r.get_connector(&a.id)), None);
+    assert!(tx(db, |r| r.get_credentials(&a.id)).is_empty());
+    assert_eq!(tx(db, |r| r.get_asset(&x.id)), None);
+}
+
+fn jobs_are_claimed_under_a_lease(t: &TestDb) {
+    let db = &t.db;
+    let c = connector("c", at(0));
+    tx(db, |r| r.insert_connector(&c, &SealedCredentials::new()));
+    let job = discovery_job(&c, at(0));
+    tx(db, |r| r.insert_job(&job));
+    assert_eq!(tx(db, |r| r.get_job(&job.id)), Some(job.clone()));
+    let kinds = [JobKind::Discovery];
+    assert_eq!(
+        tx(db, |r| r.next_claimable_job(&[JobKind::Execution], at(1))),
+        None
+    );
+
+    // Worker A claims it for 60 s.
+    let claim = |worker: &'static str, now: Timestamp| {
+        transaction(db, |r| {
+            let Some(j) = r.next_claimable_job(&kinds, now)? else {
+                return Ok(None);
+            };
+            let claimed = j.claim(worker, now, 60).unwrap();
+            r.update_job(&claimed)?;
+            Ok::<_, StoreError>(Some(claimed))
+        })
+        .unwrap()
+    };
+    let a = claim("worker-a", at(1_000)).unwrap();
+    assert_eq!(a.status, JobStatus::Running);
+    assert_eq!(tx(db, |r| r.get_job(&job.id)), Some(a.clone()));
+    // Nobody else gets it while the lease runs, even when A is silent.
+    assert_eq!(claim("worker-b", at(30_000)), None);
+    assert_eq!(claim("worker-b", at(60_999)), None);
+    // A renews and reports progress.
+    let renewed = a
+        .renew("worker-a", at(50_000), 60)
+        .unwrap()
+        .report_progress(
+            "worker-a",
+            Progress {
+                phase: "iam".into(),
+                done: 5,
+                total: Some(9),
+            },
+        )
+        .unwrap();
+    tx(db, |r| r.update_job(&renewed));
+    assert_eq!(claim("worker-b", at(100_000)), None);
+    // A crashes: after its lease, B takes the job over, progress kept.
+    let b = claim("worker-b", at(110_000)).unwrap();
+    assert_eq!(b.lease_owner.as_deref(), Some("worker-b"));
+    assert_eq!(b.attempts, 2);
+    assert_eq!(b.progress.done, 5);
+    assert_eq!(b.started_at, Some(at(1_000)));
+    let stored = tx(db, |r| r.lock_job(&job.id)).unwrap();
+    assert!(
+        stored.renew("worker-a", at(111_000), 60).is_err(),
+        "A lost it"
+    );
+    let done = stored
+        .finish(
+            "worker-b",
+            at(120_000),
+            JobOutcome::succeeded(serde_json::json!({"n": 1})),
+        )
+        .unwrap();
+    tx(db, |r| r.update_job(&done));
+    assert_eq!(tx(db, |r| r.get_job(&job.id)), Some(done));
+    assert_eq!(
+        claim("worker-c", at(999_000)),
+        None,
+        "finished jobs are never claimed"
+    );
+    assert_eq!(
+        tx(db, |r| r.find_active_job(
+            JobKind::Discovery,
+            "connector",
+            c.id.as_str()
+        )),
+        None
+    );
+}
+
+fn concurrent_workers_never_claim_the_same_job(t: &TestDb) {
+    let db = &t.db;
+    const JOBS: usize = 12;
+    const WORKERS: usize = 4;
+    let mut ids = HashSet::new();
+    for i in 0..JOBS {
+        let c = connector(&format!("c{i}"), at(i as i64));
+        let j = discovery_job(&c, at(i as i64));
+        ids.insert(j.id.clone());
+        tx(db, |r| {
+            r.insert_connector(&c, &SealedCredentials::new())?;
+            r.insert_job(&j)
+        });
+    }
+    let barrier = Barrier::new(WORKERS);
+    let claimed: Vec<Vec<JobId>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let name = format!("w{w}");
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = transaction(db, |r| {
+                            let Some(j) = r.next_claimable_job(&[JobKind::Discovery], at(5_000))?
+                            else {
+                                return Ok::<_, StoreError>(None);
+                            };
+                            let c = j.claim(&name, at(5_000), 60).unwrap();
+                            r.update_job(&c)?;
+                            Ok(Some(c.id))
+                        })
+                        .unwrap();
+                        match got {
+                            Some(id) => mine.push(id),
+                            None => return mine,
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all: Vec<&JobId> = claimed.iter().flatten().collect();
+    assert_eq!(
+        all.len(),
+        JOBS,
+        "every job claimed exactly once: {claimed:?}"
+    );
+    let unique: HashSet<&JobId> = all.iter().copied().collect();
+    assert_eq!(unique.len(), JOBS);
+    assert!(unique.iter().all(|id| ids.contains(*id)));
+}
+
+fn one_active_discovery_per_connector(t: &TestDb) {
+    let db = &t.db;
+    let c = connector("c", at(0));
+    tx(db, |r| r.insert_connector(&c, &SealedCredentials::new()));
+    let first = discovery_job(&c, at(0));
+    tx(db, |r| r.insert_job(&first));
+    // A second active one conflicts, and the transaction goes on.
+    let second = discovery_job(&c, at(1));
+    let active = tx(db, |r| {
+        assert_eq!(
+            r.insert_job(&second),
+            Err(StoreError::Conflict("jobs.resource_id".into()))
+        );
+        r.find_active_job(JobKind::Discovery, "connector", c.id.as_str())
+    });
+    assert_eq!(active, Some(first.clone()));
+    // Once the first has finished, a new one is accepted.
+    let done = first
+        .claim("w", at(2), 60)
+        .unwrap()
+        .finish("w", at(3), JobOutcome::failed("x"))
+        .unwrap();
+    tx(db, |r| r.update_job(&done));
+    tx(db, |r| r.insert_job(&second));
+    assert_eq!(
+        tx(db, |r| r.find_active_job(
+            JobKind::Discovery,
+            "connector",
+            c.id.as_str()
+        )),
+        Some(second)
+    );
+}
+
+fn assets_upsert_filters_and_paging(t: &TestDb) {
+    let db = &t.db;
+    let c = connector("c", at(0));
+    let d = connector("d", at(0));
+    tx(db, |r| {
+        r.insert_connector(&c, &SealedCredentials::new())?;
+        r.insert_connector(&d, &SealedCredentials::new())
+    });
+    let mut list = Vec::new();
+    for i in 0..7 {
+        list.push(asset(
+            &c,
+            "iam_user",
+            &format!("arn:aws:iam::1:user/User_{i}"),
+            &format!("User_{i}"),
+            at(i),
+        ));
+    }
+    list.push(asset(&c, "s3_bucket", "bucket-50%", "bucket-50%", at(10)));
+    list.push(asset(
+        &d,
+        "iam_user",
+        "arn:aws:iam::1:user/other",
+        "other",
+        at(11),
+    ));
+    tx(db, |r| r.insert_assets(&list));
+    // (connector, type, external id) is unique.
+    let dup = asset(
+        &c,
+        "iam_user",
+        "arn:aws:iam::1:user/User_0",
+        "again",
+        at(12),
+    );
+    assert!(transaction(db, |r| r.insert_assets(std::slice::from_ref(&dup))).is_err());
+
+    let page = |limit: u32, after: Option<&AssetId>| Page {
+        limit,
+        after: after.map(|a| a.to_string()),
+    };
+    let f =
+        |conn: Option<&Connector>, ty: Option<&str>, q: Option<&str>, removed: bool| AssetFilter {
+            connector_id: conn.map(|c| c.id.clone()),
+            asset_type: ty.map(str::to_owned),
+            q: q.map(str::to_owned),
+            include_removed: removed,
+        };
+    let names = |v: Vec<Asset>| v.into_iter().map(|a| a.name).collect::<Vec<_>>();
+    assert_eq!(
+        tx(db, |r| r
+            .list_assets(&f(None, None, None, false), &page(100, None)))
+        .len(),
+        9
+    );
+    assert_eq!(
+        tx(db, |r| r.list_assets(
+            &f(Some(&c), None, None, false),
+            &page(100, None)
+        ))
+        .len(),
+        8
+    );
+    assert_eq!(
+        names(tx(db, |r| r.list_assets(
+            &f(Some(&c), Some("s3_bucket"), None, false),
+            &page(100, None)
+        ))),
+        ["bucket-50%"]
+    );
+    assert_eq!(
+        names(tx(db, |r| r.list_assets(
+            &f(None, Some("iam_user"), Some("OTH"), false),
+            &page(100, None)
+        ))),
+        ["other"]
+    );
+    assert_eq!(
+        names(tx(db, |r| r.list_assets(
+            &f(None, None, Some("50%"), false),
+            &page(100, None)
+        ))),
+        ["bucket-50%"]
+    );
+    assert_eq!(
+        tx(db, |r| r.list_assets(
+            &f(None, None, Some("%"), false),
+            &page(100, None)
+        ))
+        .len(),
+        1
+    );
+    assert_eq!(
+        tx(db, |r| r.list_assets(
+            &f(None, None, Some("user_"), false),
+            &page(100, None)
+        ))
+        .len(),
+        7
+    );
+    assert_eq!(
+        tx(db, |r| r.list_assets(
+            &f(None, None, Some("ser\\_"), false),
+            &page(100, None)
+        ))
+        .len(),
+        0
+    );
+
+    // Keyset pages, newest first.
+    let mut seen = Vec::new();
+    let mut after: Option<AssetId> = None;
+    loop {
+        let p = tx(db, |r| {
+            r.list_assets(
+                &f(Some(&c), Some("iam_user"), None, false),
+                &page(3, after.as_ref()),
+            )
+        });
+        if p.is_empty() {
+            break;
+        }
+        after = p.last().map(|a| a.id.clone());
+        seen.extend(p.into_iter().map(|a| a.name));
+    }
+    assert_eq!(
+        seen,
+        (0..7)
+            .rev()
+            .map(|i| format!("User_{i}"))
+            .collect::<Vec<_>>()
+    );
+
+    // Touch, update, remove, environment.
+    let ids: Vec<AssetId> = list[..3].iter().map(|a| a.id.clone()).collect();
+    tx(db, |r| r.touch_assets(&ids, at(100)));
+    assert_eq!(
+        tx(db, |r| r.get_asset(&ids[0])).unwrap().last_seen_at,
+        at(100)
+    );
+    tx(db, |r| r.mark_assets_removed(&ids[1..], at(200)));
+    tx(db, |r| r.mark_assets_removed(&ids[1..], at(300)));
+    let removed = tx(db, |r| r.get_asset(&ids[1])).unwrap();
+    assert_eq!(
+        removed.removed_at,
+        Some(at(200)),
+        "the first removal time stays"
+    );
+    assert_eq!(
+        tx(db, |r| r.list_assets(
+            &f(Some(&c), None, None, false),
+            &page(100, None)
+        ))
+        .len(),
+        6
+    );
+    assert_eq!(
+        tx(db, |r| r.list_assets(
+            &f(Some(&c), None, None, true),
+            &page(100, None)
+        ))
+        .len(),
+        8
+    );
+    let mut back = removed.clone();
+    back.removed_at = None;
+    back.attributes = serde_json::json!({"changed": true});
+    tx(db, |r| r.update_asset(&back));
+    assert_eq!(tx(db, |r| r.get_asset(&back.id)), Some(back));
+    tx(db, |r| {
+        r.set_assets_environment(&c.id, Environment::Development)
+    });
+    assert!(tx(db, |r| r.connector_assets(&c.id))
+        .iter()
+        .all(|a| a.environment == Environment::Development));
+    assert_eq!(tx(db, |r| r.count_connector_assets(&c.id)), 8);
+    assert_eq!(
+        tx(db, |r| r.connector_assets(&d.id))[0].environment,
+        Environment::Staging
     );
 }

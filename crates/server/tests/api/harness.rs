@@ -96,10 +96,14 @@ pub struct TestApp {
     pub data_dir: tempfile::TempDir,
     running: nexplane::Running,
     users: AtomicU32,
+    /// The configuration the server was started with (for restarts and CLI commands).
+    vars: BTreeMap<String, String>,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        self.running.worker.stop();
+        self.running.worker.task.abort();
         let h = self.running.handle.clone();
         drop(h.stop(false));
         self.running.task.abort();
@@ -167,7 +171,7 @@ impl TestApp {
         for (k, v) in env {
             vars.insert(k.to_owned(), v);
         }
-        let cfg = Config::from_source(&Source::from_maps(vars, BTreeMap::new())).unwrap();
+        let cfg = Config::from_source(&Source::from_maps(vars.clone(), BTreeMap::new())).unwrap();
         let clock = Arc::new(ManualClock::new());
         let running = nexplane::start(cfg, clock.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);
@@ -185,12 +189,86 @@ impl TestApp {
             data_dir,
             running,
             users: AtomicU32::new(0),
+            vars,
         };
         app.admin_token = app.login_ok(ADMIN_EMAIL, ADMIN_PASSWORD).await["access_token"]
             .as_str()
             .unwrap()
             .to_owned();
         app
+    }
+
+    /// The configuration of this test server.
+    pub fn config(&self) -> Config {
+        Config::from_source(&Source::from_maps(self.vars.clone(), BTreeMap::new())).unwrap()
+    }
+
+    /// Stops this server (HTTP and job worker, at once: like a crash) and starts a new one on
+    /// the same database, data dir and clock; logs the admin in again.
+    pub async fn restart(&mut self) {
+        self.running.worker.stop();
+        self.running.worker.task.abort();
+        self.running.handle.stop(false).await;
+        self.running.task.abort();
+        let running = nexplane::start(self.config(), self.clock.clone())
+            .await
+            .unwrap();
+        self.base = format!("http://{}", running.addr);
+        self.running = running;
+        self.admin_token = self.login_ok(ADMIN_EMAIL, ADMIN_PASSWORD).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+
+    /// Runs a query against this test's database and returns its rows, one line each, columns
+    /// separated by `|`.
+    pub fn query(&self, statement: &str) -> Vec<String> {
+        let out = match self.backend {
+            Backend::Postgres => std::process::Command::new("psql")
+                .arg(&self.database_url)
+                .args(["-v", "ON_ERROR_STOP=1", "-q", "-A", "-t", "-c", statement])
+                .output()
+                .unwrap(),
+            Backend::Sqlite => {
+                let path = self.database_url.trim_start_matches("sqlite://").to_owned();
+                let script = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
+                    for row in c.execute(sys.argv[2]): print('|'.join('' if v is None else str(v) for v in row))";
+                std::process::Command::new("python3")
+                    .args(["-c", script, &path, statement])
+                    .output()
+                    .unwrap()
+            }
+        };
+        assert!(
+            out.status.success(),
+            "query failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Polls `GET /jobs/{id}` until the job has finished (at most `secs` seconds).
+    pub async fn wait_job(&self, id: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let r = self.get(&format!("/jobs/{id}"), &self.admin_token).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            let status = r.body["status"].as_str().unwrap_or_default();
+            if status == "succeeded" || status == "failed" {
+                return r.body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} still {status} after {secs} s: {}",
+                r.text
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -2,13 +2,17 @@
 //! PostgreSQL. Modules per area.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod assets;
 mod audit;
 mod auth;
 mod cli;
+mod connectors;
 mod errors;
 mod harness;
 mod invariants;
+mod jobs;
 mod limits;
+mod moto;
 mod openapi;
 mod outage;
 mod roles;

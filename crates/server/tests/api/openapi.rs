@@ -20,6 +20,13 @@ const PATHS: &[(&str, &[&str])] = &[
     ("/users/{id}/password", &["post"]),
     ("/audit", &["get"]),
     ("/audit/verify", &["get"]),
+    ("/connectors", &["get", "post"]),
+    ("/connectors/{id}", &["get", "put", "delete"]),
+    ("/connectors/{id}/test", &["post"]),
+    ("/connectors/{id}/discover", &["post"]),
+    ("/jobs/{id}", &["get"]),
+    ("/assets", &["get"]),
+    ("/assets/{id}", &["get"]),
 ];
 
 const PUBLIC: &[&str] = &[

@@ -1,0 +1,2 @@
+DROP TABLE connector_credentials;
+DROP TABLE connectors;
