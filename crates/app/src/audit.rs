@@ -22,7 +22,7 @@ impl App {
                 return Err(AppError::field("to", "must not be before from"));
             }
         }
-        transaction(self.store(), |r: &mut dyn Repo| {
+        nexplane_ports::read(self.store(), |r: &mut dyn Repo| {
             r.list_audit(filter, page).map_err(AppError::from)
         })
     }

@@ -6,7 +6,7 @@ use nexplane_domain::{
     AccessClaims, PasswordHash, Principal, RefreshTokenRecord, SecretString, Session, SessionId,
     Timestamp, User, UserId,
 };
-use nexplane_ports::{transaction, Repo, TokenError};
+use nexplane_ports::{read, transaction, Repo, TokenError};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -340,7 +340,7 @@ impl App {
         let bad = || AppError::Unauthorized("invalid token".into());
         let sid = SessionId::parse(&claims.sid).map_err(|_| bad())?;
         let uid = UserId::parse(&claims.sub).map_err(|_| bad())?;
-        let found = transaction(self.store(), |r: &mut dyn Repo| {
+        let found = read(self.store(), |r: &mut dyn Repo| {
             r.get_session_with_user(&sid).map_err(AppError::from)
         })?;
         let Some((session, user)) = found else {

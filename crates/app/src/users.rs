@@ -3,7 +3,7 @@
 use crate::{require, Actor, App, AppError, RequestCtx};
 use nexplane_domain::user::{normalize_email, normalize_name, validate_password};
 use nexplane_domain::{LockState, Permission, Principal, Role, SecretString, User, UserId};
-use nexplane_ports::{transaction, Page, Repo};
+use nexplane_ports::{read, transaction, Page, Repo};
 
 /// `POST /users` input.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ impl App {
     /// `GET /users`.
     pub fn list_users(&self, p: &Principal, page: &Page) -> Result<Vec<User>, AppError> {
         require(p, Permission::Read)?;
-        transaction(self.store(), |r: &mut dyn Repo| {
+        read(self.store(), |r: &mut dyn Repo| {
             r.list_users(page).map_err(AppError::from)
         })
     }
@@ -51,7 +51,7 @@ impl App {
     pub fn get_user(&self, p: &Principal, id: &str) -> Result<User, AppError> {
         require(p, Permission::Read)?;
         let uid = UserId::parse(id).map_err(|_| not_found(id))?;
-        transaction(self.store(), |r: &mut dyn Repo| {
+        read(self.store(), |r: &mut dyn Repo| {
             r.get_user(&uid).map_err(AppError::from)
         })?
         .ok_or_else(|| not_found(id))
@@ -59,7 +59,7 @@ impl App {
 
     /// The current user (`GET /auth/me`).
     pub fn me(&self, p: &Principal) -> Result<User, AppError> {
-        transaction(self.store(), |r: &mut dyn Repo| {
+        read(self.store(), |r: &mut dyn Repo| {
             r.get_user(&p.user_id).map_err(AppError::from)
         })?
         .ok_or_else(|| AppError::Unauthorized("account not found".into()))

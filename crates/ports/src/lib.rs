@@ -227,6 +227,15 @@ pub trait Store: Send + Sync {
         &self,
         f: &mut dyn FnMut(&mut dyn Repo) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
+    /// Runs read-only `f` on one connection without opening a write transaction (each
+    /// statement sees committed data). Cheaper than [`Store::transaction_dyn`] on the hot
+    /// path (authentication). The default runs it in a transaction.
+    fn read_dyn(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Repo) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.transaction_dyn(f)
+    }
     /// Checks that the database answers.
     fn ping(&self) -> Result<(), StoreError>;
 }
@@ -258,6 +267,36 @@ where
         (Ok(()), Some(Ok(v))) => Ok(v),
         (Err(e), _) => Err(e.into()),
         (Ok(()), None) => Err(StoreError::Other("transaction closure not run".into()).into()),
+    }
+}
+
+/// Runs read-only `f` against `store` without a write transaction (see [`Store::read_dyn`]).
+/// Use it only for closures that write nothing.
+pub fn read<T, E, F>(store: &dyn Store, f: F) -> Result<T, E>
+where
+    E: From<StoreError>,
+    F: FnOnce(&mut dyn Repo) -> Result<T, E>,
+{
+    let mut f = Some(f);
+    let mut out: Option<Result<T, E>> = None;
+    let r = store.read_dyn(&mut |repo| {
+        let Some(f) = f.take() else {
+            return Err(StoreError::Other("read closure called twice".into()));
+        };
+        let res = f(repo);
+        let failed = res.is_err();
+        out = Some(res);
+        if failed {
+            Err(StoreError::RolledBack)
+        } else {
+            Ok(())
+        }
+    });
+    match (r, out) {
+        (_, Some(Err(e))) => Err(e),
+        (Ok(()), Some(Ok(v))) => Ok(v),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), None) => Err(StoreError::Other("read closure not run".into()).into()),
     }
 }
 

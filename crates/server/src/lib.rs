@@ -361,3 +361,21 @@ pub fn read_password_stdin() -> std::io::Result<SecretString> {
         line.trim_end_matches(['\r', '\n']).to_owned(),
     ))
 }
+
+/// Rotates the token-signing key kept in the data dir: a new key signs from the next start,
+/// the old one still verifies (and is published) until the tokens it signed have expired.
+/// Returns (old kid, new kid).
+pub fn rotate_jwt_key(cfg: &Config, now: Timestamp) -> Result<(String, String), StartError> {
+    if cfg.jwt_key_file.is_some() {
+        return Err(StartError::Keys(
+            "NEXPLANE_JWT_KEY_FILE is set: rotate by replacing that file".into(),
+        ));
+    }
+    let signer = RsaTokenSigner::load_or_generate(&cfg.data_dir, TOKEN_ISSUER.into())
+        .map_err(|e| StartError::Keys(e.to_string()))?;
+    let old = signer.current_kid();
+    let new = signer
+        .rotate(now)
+        .map_err(|e| StartError::Keys(e.to_string()))?;
+    Ok((old, new))
+}

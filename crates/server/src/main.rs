@@ -39,6 +39,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
+    /// Generate a new token-signing key in the data dir. Tokens signed with the old key keep
+    /// verifying, and the old key stays in the JWKS, until they have expired. Restart the
+    /// servers to sign with the new key.
+    RotateJwt,
     /// Re-seal every stored connector credential under a new master key (run it with the
     /// servers stopped). The old key is kept as `<key file>.previous-<id>` until you delete it.
     RotateMaster {
@@ -106,6 +110,16 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::RotateMaster { new_key_file },
         } => rotate_master(&cfg, new_key_file),
+        Command::Keys {
+            command: KeysCommand::RotateJwt,
+        } => nexplane::rotate_jwt_key(&cfg, nexplane_ports::Clock::now(&SystemClock)).map(
+            |(old_kid, new_kid)| {
+                println!(
+                    "{}",
+                    serde_json::json!({"old_kid": old_kid, "new_kid": new_kid})
+                );
+            },
+        ),
         Command::Openapi => Ok(()),
     };
     match result {

@@ -383,6 +383,21 @@ impl Store for Db {
         finish(conn, outcome)
     }
 
+    fn read_dyn(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Repo) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        // No BEGIN: on SQLite an IMMEDIATE transaction would queue every reader behind the
+        // writers' lock; a read needs only statement-level consistency here.
+        let mut pooled = self.checkout(self.checkout_timeout)?;
+        let conn: &mut DbConn = &mut pooled;
+        let mut repo = SqlRepo::new(&mut *conn);
+        match (f(&mut repo), repo.failure()) {
+            (Ok(()), Some(failed)) => Err(failed),
+            (outcome, _) => outcome,
+        }
+    }
+
     fn ping(&self) -> Result<(), StoreError> {
         let mut pooled = self.checkout(self.checkout_timeout.min(PING_TIMEOUT))?;
         pooled.ping().map_err(db_err)

@@ -1393,3 +1393,44 @@ both!(
         assert_unauthorized(&app.login(ghost, "wrong-password-five").await);
     }
 );
+
+both!(
+    a_rotated_out_signing_key_keeps_verifying_until_its_tokens_expire,
+    |mut app: TestApp| async move {
+        use nexplane_ports::Clock;
+        let old_token = app.admin_token.clone();
+        let old_kid = s(&jwt_header(&old_token)["kid"]);
+        let (was, new_kid) = nexplane::rotate_jwt_key(&app.config(), app.clock.now()).unwrap();
+        assert_eq!(was, old_kid);
+        assert_ne!(new_kid, old_kid);
+        app.restart().await;
+
+        // New tokens are signed with the new key; the old token still works.
+        assert_eq!(s(&jwt_header(&app.admin_token)["kid"]), new_kid);
+        assert_eq!(me(&app, &old_token).await.status, 200);
+        let jwks = app
+            .req(reqwest::Method::GET, "/.well-known/jwks.json", None, None)
+            .await;
+        let kids: Vec<String> = jwks.body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| s(&k["kid"]))
+            .collect();
+        assert!(
+            kids.contains(&old_kid) && kids.contains(&new_kid),
+            "{kids:?}"
+        );
+
+        // Once every token of the old key has expired, the key is gone from verification.
+        app.clock.advance_secs(3600 + 61);
+        assert_eq!(me(&app, &old_token).await.status, 401);
+        let fresh = app.login_ok(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+        assert_eq!(
+            me(&app, fresh["access_token"].as_str().unwrap())
+                .await
+                .status,
+            200
+        );
+    }
+);
