@@ -1363,6 +1363,22 @@ both!(
                 "the audit log holds an access token"
             );
         }
+        // Nor did any log line of the servers in this test run carry one.
+        let logs = captured_logs();
+        assert!(
+            logs.contains("auth.") || logs.contains("request"),
+            "no logs captured"
+        );
+        for p in passwords {
+            assert!(!logs.contains(p), "a password reached the log");
+        }
+        for t in refresh_tokens
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .chain([&access, &access2, &access3, &access4, &access5].map(|t| t.as_str()))
+        {
+            assert!(!logs.contains(t), "a token reached the log");
+        }
     }
 );
 

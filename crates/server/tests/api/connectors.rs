@@ -51,6 +51,12 @@ pub fn assert_no_secret(texts: &[String], secrets: &[&str]) {
             assert!(!t.contains(s), "a secret value leaked into: {t}");
         }
     }
+    // And none reached a log line of any server of this test run.
+    let logs = crate::harness::captured_logs();
+    assert!(!logs.is_empty(), "log capture is not working");
+    for s in secrets {
+        assert!(!logs.contains(s), "a secret value reached the log");
+    }
 }
 
 /// `POST /connectors/{id}/test` as the admin.

@@ -146,6 +146,7 @@ pub type Env = Vec<(&'static str, String)>;
 
 impl TestApp {
     pub async fn start(backend: Backend, env: Env) -> TestApp {
+        capture_logs();
         let data_dir = tempfile::tempdir().unwrap();
         let database_url = match backend {
             Backend::Sqlite => format!("sqlite://{}/nexplane.db", data_dir.path().display()),
@@ -435,4 +436,46 @@ macro_rules! both {
             }
         }
     };
+}
+
+/// Every log line the in-process servers of this test binary wrote (all tests share it).
+static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the servers' logs (nexplane at debug, the rest at info) into a buffer tests can scan.
+pub fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,nexplane=debug"))
+            .with_ansi(false)
+            .with_writer(move || Capture(writer.clone()))
+            .try_init();
+        buf
+    });
+}
+
+/// Everything logged so far by the servers of this test binary.
+pub fn captured_logs() -> String {
+    LOGS.get()
+        .and_then(|b| {
+            b.lock()
+                .ok()
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        })
+        .unwrap_or_default()
 }
