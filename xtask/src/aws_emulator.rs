@@ -35,7 +35,6 @@ impl AwsEmulator {
     }
 
     /// The emulator's base URL (`http://127.0.0.1:PORT`).
-    #[allow(dead_code)] // for benchmarks that drive the emulator themselves
     pub(crate) fn url(&self) -> &str {
         &self.url
     }
@@ -71,6 +70,20 @@ pub(crate) fn prepare(root: &Path) -> Result<AwsEmulator> {
         });
     }
 
+    let venv = prepared_venv(root)?;
+    start_with_retries(&venv, &venv.join("moto_server.log"))
+}
+
+/// A new `moto_server` of its own (never the one named by `NEXPLANE_TEST_MOTO_URL`), logging
+/// to `log_path`, with the venv prepared as for [`prepare`]. For benchmarks: a fresh emulator
+/// holds only what they seed, and its log has one line per request it served.
+pub(crate) fn start_fresh(root: &Path, log_path: &Path) -> Result<AwsEmulator> {
+    let venv = prepared_venv(root)?;
+    start_with_retries(&venv, log_path)
+}
+
+/// The venv directory, created or repaired when needed.
+fn prepared_venv(root: &Path) -> Result<PathBuf> {
     let venv = root.join(VENV_DIR);
     ensure_venv(&venv).with_context(|| {
         format!(
@@ -79,10 +92,18 @@ pub(crate) fn prepare(root: &Path) -> Result<AwsEmulator> {
             venv.display()
         )
     })?;
+    Ok(venv)
+}
 
+/// The venv's Python interpreter (moto[server] brings boto3 along).
+pub(crate) fn venv_python(root: &Path) -> PathBuf {
+    root.join(VENV_DIR).join("bin/python")
+}
+
+fn start_with_retries(venv: &Path, log_path: &Path) -> Result<AwsEmulator> {
     let mut last_error = anyhow!("not started");
     for _ in 0..3 {
-        match start(&venv) {
+        match start(venv, log_path) {
             Ok(emulator) => return Ok(emulator),
             Err(err) => {
                 eprintln!("moto_server did not start: {err:#}");
@@ -92,7 +113,7 @@ pub(crate) fn prepare(root: &Path) -> Result<AwsEmulator> {
     }
     Err(last_error.context(format!(
         "cannot start the AWS emulator (moto_server); its log is {}",
-        venv.join("moto_server.log").display()
+        log_path.display()
     )))
 }
 
@@ -149,10 +170,9 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn start(venv: &Path) -> Result<AwsEmulator> {
+fn start(venv: &Path, log_path: &Path) -> Result<AwsEmulator> {
     let port = free_port()?;
-    let log_path: PathBuf = venv.join("moto_server.log");
-    let log = std::fs::File::create(&log_path)
+    let log = std::fs::File::create(log_path)
         .with_context(|| format!("cannot write {}", log_path.display()))?;
     let log_err = log.try_clone()?;
     let mut child = Command::new(venv.join("bin/moto_server"))
@@ -182,10 +202,7 @@ fn start(venv: &Path) -> Result<AwsEmulator> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let url = format!("http://127.0.0.1:{port}");
-    eprintln!(
-        "==> AWS emulator for tests: {url} (log: {})",
-        log_path.display()
-    );
+    eprintln!("==> AWS emulator: {url} (log: {})", log_path.display());
     Ok(AwsEmulator {
         env: vec![(MOTO_URL_VAR.to_string(), url.clone())],
         url,

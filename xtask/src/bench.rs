@@ -37,7 +37,7 @@ pub fn auth() -> Result<()> {
 }
 
 /// `cargo build --release --bin nexplane`, returning the path of the built executable.
-fn build_release_server() -> Result<PathBuf> {
+pub(crate) fn build_release_server() -> Result<PathBuf> {
     eprintln!("==> building the release server");
     let output = crate::cargo()
         .args([
@@ -67,20 +67,20 @@ fn build_release_server() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("cargo build did not report the nexplane executable"))
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
     Ok(listener.local_addr()?.port())
 }
 
 /// The running server; dropping it kills the process and removes the data dir.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     data_dir: PathBuf,
-    base_url: String,
+    pub(crate) base_url: String,
 }
 
 impl Server {
-    fn start(binary: &Path, port: u16) -> Result<Self> {
+    pub(crate) fn start(binary: &Path, port: u16) -> Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -118,7 +118,7 @@ impl Server {
         })
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 }
@@ -203,7 +203,7 @@ async fn measure(server: &mut Server) -> Result<()> {
     Ok(())
 }
 
-async fn wait_until_live(server: &mut Server, client: &reqwest::Client) -> Result<()> {
+pub(crate) async fn wait_until_live(server: &mut Server, client: &reqwest::Client) -> Result<()> {
     let url = format!("{}/health/live", server.base_url);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -222,7 +222,7 @@ async fn wait_until_live(server: &mut Server, client: &reqwest::Client) -> Resul
     }
 }
 
-async fn login(client: &reqwest::Client, base_url: &str) -> Result<String> {
+pub(crate) async fn login(client: &reqwest::Client, base_url: &str) -> Result<String> {
     let resp = client
         .post(format!("{base_url}/auth/login"))
         .json(&serde_json::json!({ "email": ADMIN_EMAIL, "password": ADMIN_PASSWORD }))

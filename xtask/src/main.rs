@@ -6,6 +6,8 @@
 //!   licence/dependency policy (cargo-deny), then the same as `cargo xtask test`.
 //! - `cargo xtask codegen [--check]`: regenerate (or check) `docs/openapi.json`.
 //! - `cargo xtask bench auth`: compare the throughput of `GET /auth/me` with `GET /health`.
+//! - `cargo xtask bench discovery [--users N]`: time a discovery job of N IAM users in the AWS
+//!   emulator against a sequential boto3 script and against the emulator's own rate.
 
 use std::ffi::OsStr;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -17,6 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 mod aws_emulator;
 mod bench;
+mod bench_discovery;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -26,6 +29,9 @@ commands:
   ci                 fmt check, clippy -D warnings, codegen check, cargo-deny, then `test`
   codegen [--check]  regenerate docs/openapi.json (--check: fail when it is stale)
   bench auth         requests/second of GET /auth/me vs GET /health (release build)
+  bench discovery [--users N]
+                     discovery job of N IAM users (default 2000) in the AWS emulator vs a
+                     sequential boto3 script and vs the emulator's request rate (release build)
 
 environment:
   NEXPLANE_TEST_DATABASE_URL  PostgreSQL for the tests (default postgres://postgres@localhost:5432/postgres)
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
         ["codegen"] => codegen(false),
         ["codegen", "--check"] => codegen(true),
         ["bench", "auth"] => bench::auth(),
+        ["bench", "discovery", rest @ ..] => bench_discovery::discovery(rest),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");
             Ok(())
