@@ -1,7 +1,7 @@
 //! Request and response bodies, as documented in the OpenAPI schema.
 
 use nexplane_domain::audit::AuditEvent;
-use nexplane_domain::{Asset, Connector, Job, User};
+use nexplane_domain::{Asset, ChangeRequest, ChangeType, Connector, Job, User};
 use paperclip::actix::Apiv2Schema;
 use serde::{Deserialize, Serialize};
 
@@ -468,6 +468,243 @@ pub(crate) struct AssetQuery {
     pub q: Option<String>,
     /// Also list assets a discovery no longer found (default false).
     pub include_removed: Option<bool>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// Opaque cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A change type of the catalog (api.md §6.3, §7.3).
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct ChangeTypeDto {
+    /// Unique name, e.g. `rotate_iam_access_key`.
+    pub name: String,
+    /// What it acts on: `aws` (a connector) or `agent` (the target names an agent).
+    pub connector_type: String,
+    /// What it does.
+    pub description: String,
+    /// JSON Schema of the change request's `target`.
+    pub target_schema: serde_json::Value,
+    /// Base risk, 1 to 10, before the environment and rollback factors.
+    pub base_risk: u32,
+    /// `automatic` or `none`.
+    pub rollback: String,
+}
+
+impl From<&ChangeType> for ChangeTypeDto {
+    fn from(ct: &ChangeType) -> Self {
+        Self {
+            name: ct.name.clone(),
+            connector_type: ct.connector_type.as_str().to_owned(),
+            description: ct.description.clone(),
+            target_schema: ct.target_schema.clone(),
+            base_risk: u32::from(ct.base_risk),
+            rollback: if ct.has_rollback() {
+                "automatic"
+            } else {
+                "none"
+            }
+            .to_owned(),
+        }
+    }
+}
+
+/// The risk of a change request.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct RiskDto {
+    /// 1 to 10: the change type's base risk, +2 production / +1 staging, +2 without rollback.
+    pub score: u32,
+    /// `low` (1–3), `medium` (4–6), `high` (7–9) or `critical` (10).
+    pub level: String,
+    /// One line per contribution to the score.
+    pub factors: Vec<String>,
+}
+
+/// One approval.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct ApprovalDto {
+    /// Who approved.
+    pub user_id: String,
+    /// Their email.
+    pub actor: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Optional comment.
+    pub comment: Option<String>,
+    /// The requester approved their own change (only with `NEXPLANE_ALLOW_SELF_APPROVAL`).
+    pub self_approved: bool,
+}
+
+/// The rejection of a change request.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct RejectionDto {
+    /// Who rejected.
+    pub user_id: String,
+    /// Their email.
+    pub actor: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A change request (api.md §6).
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct ChangeRequestDto {
+    /// `cr_…`
+    pub id: String,
+    /// Short title.
+    pub title: String,
+    /// Longer description (may be empty).
+    pub description: String,
+    /// The connector it acts through (`null` for agent change types).
+    pub connector_id: Option<String>,
+    /// Name of the change type (`GET /change-types`).
+    pub change_type: String,
+    /// What it acts on, valid against the change type's `target_schema`.
+    pub target: serde_json::Value,
+    /// `draft`, `submitted`, `approved`, `rejected`, `cancelled`, `executing`, `complete`,
+    /// `failed`, `rolling_back`, `rolledback` or `rollback_failed`.
+    pub state: String,
+    /// The connector environment the risk was computed with.
+    pub environment: String,
+    /// Risk, computed at create and on every edit.
+    pub risk: RiskDto,
+    /// Approvals needed to reach `approved` (low 1, medium 1, high 2, critical 2).
+    pub required_approvals: u32,
+    /// Approvals so far, one per person, in order.
+    pub approvals: Vec<ApprovalDto>,
+    /// Set when rejected.
+    pub rejection: Option<RejectionDto>,
+    /// The user who created it.
+    pub requested_by: String,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Last changed (RFC 3339).
+    pub updated_at: String,
+    /// Submitted for approval.
+    pub submitted_at: Option<String>,
+    /// Approved or rejected.
+    pub decided_at: Option<String>,
+    /// Execution started.
+    pub executed_at: Option<String>,
+    /// The last execution or rollback finished.
+    pub finished_at: Option<String>,
+    /// The execution journal `{job_id, steps, outputs, error}` (`null` until executed).
+    pub execution: Option<serde_json::Value>,
+    /// The rollback journal, same shape (`null` until rolled back).
+    pub rollback: Option<serde_json::Value>,
+    /// Names of the secrets the change produced (never their values).
+    pub secret_outputs: Vec<String>,
+}
+
+impl From<&ChangeRequest> for ChangeRequestDto {
+    fn from(c: &ChangeRequest) -> Self {
+        Self {
+            id: c.id.to_string(),
+            title: c.title.clone(),
+            description: c.description.clone(),
+            connector_id: c.connector_id.as_ref().map(ToString::to_string),
+            change_type: c.change_type.clone(),
+            target: c.target.clone(),
+            state: c.state.as_str().to_owned(),
+            environment: c.environment.as_str().to_owned(),
+            risk: RiskDto {
+                score: u32::from(c.risk.score),
+                level: c.risk.level.as_str().to_owned(),
+                factors: c.risk.factors.clone(),
+            },
+            required_approvals: c.required_approvals,
+            approvals: c
+                .approvals
+                .iter()
+                .map(|a| ApprovalDto {
+                    user_id: a.user_id.to_string(),
+                    actor: a.actor.clone(),
+                    at: a.at.to_rfc3339(),
+                    comment: a.comment.clone(),
+                    self_approved: a.self_approved,
+                })
+                .collect(),
+            rejection: c.rejection.as_ref().map(|r| RejectionDto {
+                user_id: r.user_id.to_string(),
+                actor: r.actor.clone(),
+                at: r.at.to_rfc3339(),
+                reason: r.reason.clone(),
+            }),
+            requested_by: c.requested_by.to_string(),
+            created_at: c.created_at.to_rfc3339(),
+            updated_at: c.updated_at.to_rfc3339(),
+            submitted_at: c.submitted_at.map(|t| t.to_rfc3339()),
+            decided_at: c.decided_at.map(|t| t.to_rfc3339()),
+            executed_at: c.executed_at.map(|t| t.to_rfc3339()),
+            finished_at: c.finished_at.map(|t| t.to_rfc3339()),
+            execution: None,
+            rollback: None,
+            secret_outputs: Vec::new(),
+        }
+    }
+}
+
+/// `POST /change-requests` body.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateChangeRequestRequest {
+    /// Title, 1 to 200 characters.
+    pub title: String,
+    /// Description, up to 10 000 characters.
+    pub description: Option<String>,
+    /// The connector (required for `aws` change types; its type must match the change
+    /// type's `connector_type`; omit it for agent change types).
+    pub connector_id: Option<String>,
+    /// A change type of `GET /change-types`.
+    pub change_type: String,
+    /// What to change; validated against the change type's `target_schema` (errors name
+    /// fields such as `target.iam_user`).
+    pub target: Option<serde_json::Value>,
+}
+
+/// `PUT /change-requests/{id}` body (a draft only): each present field replaces the stored
+/// one; the risk is recomputed.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateChangeRequestRequest {
+    /// New title.
+    pub title: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New target.
+    pub target: Option<serde_json::Value>,
+}
+
+/// `POST /change-requests/{id}/approve` body (optional).
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ApproveRequest {
+    /// Optional comment, up to 2000 characters.
+    pub comment: Option<String>,
+}
+
+/// `POST /change-requests/{id}/reject` body.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RejectRequest {
+    /// Why (required, up to 2000 characters).
+    pub reason: Option<String>,
+}
+
+/// Filters and paging of `GET /change-requests`.
+#[derive(Deserialize, Apiv2Schema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChangeRequestQueryDto {
+    /// Change requests in this state, e.g. `submitted`.
+    pub state: Option<String>,
+    /// Change requests on this connector.
+    pub connector_id: Option<String>,
+    /// Change requests of this change type.
+    pub change_type: Option<String>,
+    /// Change requests created by this user (`usr_…`).
+    pub requested_by: Option<String>,
     /// Page size, 1 to 500 (default 50).
     pub limit: Option<u32>,
     /// Opaque cursor from the previous page.

@@ -40,6 +40,15 @@ fn problem_response(desc: &str) -> Value {
     })
 }
 
+/// The schema of the JSON body that a handler reads by hand (so paperclip does not see it).
+fn optional_body_schema(path: &str) -> Option<&'static str> {
+    match path {
+        "/change-requests/{id}/approve" => Some("ApproveRequest"),
+        "/change-requests/{id}/reject" => Some("RejectRequest"),
+        _ => None,
+    }
+}
+
 fn finish(mut spec: Value) -> Value {
     spec["info"] = json!({
         "title": "Nexplane control plane API",
@@ -118,7 +127,14 @@ fn finish(mut spec: Value) -> Value {
             if path.contains('{') {
                 add("404", "no such resource");
             }
-            let is_list = ["/users", "/audit", "/connectors", "/assets"].contains(&path.as_str());
+            let is_list = [
+                "/users",
+                "/audit",
+                "/connectors",
+                "/assets",
+                "/change-requests",
+            ]
+            .contains(&path.as_str());
             if method != "get" || is_list {
                 add("400", "malformed JSON or query");
                 add(
@@ -141,6 +157,13 @@ fn finish(mut spec: Value) -> Value {
                     json!({"required": false, "content": {"application/json": {"schema": {
                         "$ref": "#/components/schemas/RefreshRequest"}}}}),
                 );
+            } else if let Some(schema) = optional_body_schema(path) {
+                op.insert("security".into(), json!([{"bearer": []}]));
+                op.insert(
+                    "requestBody".into(),
+                    json!({"required": schema == "RejectRequest", "content": {"application/json":
+                        {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}}),
+                );
             } else if public {
                 op.insert("security".into(), json!([]));
             } else {
@@ -161,6 +184,15 @@ fn finish(mut spec: Value) -> Value {
         schemas.entry("RefreshRequest").or_insert_with(|| {
             json!({"type": "object", "additionalProperties": false, "required": ["refresh_token"],
                 "properties": {"refresh_token": {"type": "string"}}})
+        });
+        schemas.entry("ApproveRequest").or_insert_with(|| {
+            json!({"type": "object", "additionalProperties": false,
+                "description": "Optional body of an approval.",
+                "properties": {"comment": {"type": "string", "maxLength": 2000}}})
+        });
+        schemas.entry("RejectRequest").or_insert_with(|| {
+            json!({"type": "object", "additionalProperties": false, "required": ["reason"],
+                "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}}})
         });
     }
     spec

@@ -7,6 +7,9 @@ use crate::extract::{Auth, Ctx};
 use crate::respond::{check_limit, decode_cursor, paginate, Accepted, Created, Paged};
 use crate::state::ApiState;
 use actix_web::http::StatusCode;
+use nexplane_app::change_requests::{
+    ChangeRequestQuery, CreateChangeRequest, Decision, EditChangeRequest,
+};
 use nexplane_app::connectors::{ConnectorReplacement, NewConnector, TestReport};
 use nexplane_app::users::{NewUser, UserPatch};
 use nexplane_app::{auth::TokenPair, AppError};
@@ -625,6 +628,225 @@ pub(crate) async fn get_asset(
     Ok(web::Json(AssetDto::from(&a)))
 }
 
+/// The change-type catalog (any role): every change type with its target schema, base risk
+/// and whether it can be rolled back.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn list_change_types(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+) -> Result<web::Json<Vec<ChangeTypeDto>>, ApiError> {
+    let app = state.app.clone();
+    let types = run(&ctx, move || app.list_change_types(&auth.0)).await?;
+    Ok(web::Json(types.iter().map(ChangeTypeDto::from).collect()))
+}
+
+/// List change requests (any role), newest first.
+///
+/// Filters: `state`, `connector_id`, `change_type`, `requested_by` (a user id); an unknown
+/// state or change type, or a malformed id, is a 422.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn list_change_requests(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    q: web::Query<ChangeRequestQueryDto>,
+) -> Result<Paged<ChangeRequestDto>, ApiError> {
+    let q = q.into_inner();
+    let limit = check_limit(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref())?;
+    check_cursor(after.as_deref(), nexplane_domain::ChangeRequestId::parse)?;
+    let query = ChangeRequestQuery {
+        state: q.state,
+        connector_id: q.connector_id,
+        change_type: q.change_type,
+        requested_by: q.requested_by,
+    };
+    let app = state.app.clone();
+    let page = Page {
+        limit: limit + 1,
+        after,
+    };
+    let rows = run(&ctx, move || {
+        app.list_change_requests(&auth.0, &query, &page)
+    })
+    .await?;
+    Ok(paginate(
+        rows,
+        limit,
+        |c| c.id.to_string(),
+        |c| ChangeRequestDto::from(c),
+    ))
+}
+
+/// Create a change request (operator, admin): a `draft`.
+///
+/// The change type must exist, the connector must exist and be of the change type's
+/// `connector_type`, and `target` must match the change type's `target_schema`; otherwise
+/// 422 with field errors (e.g. `target.iam_user`). The risk comes from the change type and
+/// the connector's environment and fixes `required_approvals`.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn create_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    body: web::Json<CreateChangeRequestRequest>,
+) -> Result<Created<ChangeRequestDto>, ApiError> {
+    let b = body.into_inner();
+    let input = CreateChangeRequest {
+        title: b.title,
+        description: b.description,
+        connector_id: b.connector_id,
+        change_type: b.change_type,
+        target: b.target,
+    };
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let cr = run(&ctx, move || app.create_change_request(&auth.0, input, &c)).await?;
+    Ok(Created {
+        location: format!("/change-requests/{}", cr.id),
+        body: ChangeRequestDto::from(&cr),
+    })
+}
+
+/// Get a change request (any role).
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn get_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    let app = state.app.clone();
+    let id = id.into_inner();
+    let cr = run(&ctx, move || app.get_change_request(&auth.0, &id)).await?;
+    Ok(web::Json(ChangeRequestDto::from(&cr)))
+}
+
+/// Edit a draft change request (the requester or an admin): `title`, `description`,
+/// `target`. The risk is recomputed; any state but `draft` → 409.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn update_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+    body: web::Json<UpdateChangeRequestRequest>,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    let b = body.into_inner();
+    let input = EditChangeRequest {
+        title: b.title,
+        description: b.description,
+        target: b.target,
+    };
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let id = id.into_inner();
+    let cr = run(&ctx, move || {
+        app.edit_change_request(&auth.0, &id, input, &c)
+    })
+    .await?;
+    Ok(web::Json(ChangeRequestDto::from(&cr)))
+}
+
+/// Parses an optional JSON body: empty means `None`.
+fn optional_body<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    body: &[u8],
+) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map(Some).map_err(|e| {
+        ApiError::from(crate::json_error(&e)).with_request_id(ctx.0.request_id.clone())
+    })
+}
+
+async fn decide(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: String,
+    decision: Decision,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let cr = run(&ctx, move || {
+        app.decide_change_request(&auth.0, &id, decision, &c)
+    })
+    .await?;
+    Ok(web::Json(ChangeRequestDto::from(&cr)))
+}
+
+/// Submit a draft for approval (the requester or an admin).
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn submit_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    decide(state, ctx, auth, id.into_inner(), Decision::Submit).await
+}
+
+/// Approve a submitted change request (approver, admin), with an optional body
+/// `{"comment": …}`.
+///
+/// Nobody approves their own change request (403) unless the server runs with
+/// `NEXPLANE_ALLOW_SELF_APPROVAL=true` (the approval is then marked `self_approved`); one
+/// person's approval counts once (a second → 409 `already_approved`). The change request
+/// becomes `approved` when the approvals reach `required_approvals`.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn approve_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    let comment = optional_body::<ApproveRequest>(&ctx, &body)?.and_then(|b| b.comment);
+    decide(
+        state,
+        ctx,
+        auth,
+        id.into_inner(),
+        Decision::Approve { comment },
+    )
+    .await
+}
+
+/// Reject a submitted change request (approver, admin) with `{"reason": …}` (required).
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn reject_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    let reason = optional_body::<RejectRequest>(&ctx, &body)?.and_then(|b| b.reason);
+    decide(
+        state,
+        ctx,
+        auth,
+        id.into_inner(),
+        Decision::Reject { reason },
+    )
+    .await
+}
+
+/// Cancel a change request that is `draft`, `submitted` or `approved` (the requester or an
+/// admin).
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn cancel_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<ChangeRequestDto>, ApiError> {
+    decide(state, ctx, auth, id.into_inner(), Decision::Cancel).await
+}
+
 /// Registers every API route (used for serving and for generating the OpenAPI schema).
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate::LoginGovernor>) {
     let login_res = web::resource("/auth/login").route(web::post().to(login));
@@ -669,5 +891,32 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate:
         )
         .service(web::resource("/jobs/{id}").route(web::get().to(get_job)))
         .service(web::resource("/assets").route(web::get().to(list_assets)))
-        .service(web::resource("/assets/{id}").route(web::get().to(get_asset)));
+        .service(web::resource("/assets/{id}").route(web::get().to(get_asset)))
+        .service(web::resource("/change-types").route(web::get().to(list_change_types)))
+        .service(
+            web::resource("/change-requests")
+                .route(web::get().to(list_change_requests))
+                .route(web::post().to(create_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}")
+                .route(web::get().to(get_change_request))
+                .route(web::put().to(update_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/submit")
+                .route(web::post().to(submit_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/approve")
+                .route(web::post().to(approve_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/reject")
+                .route(web::post().to(reject_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/cancel")
+                .route(web::post().to(cancel_change_request)),
+        );
 }

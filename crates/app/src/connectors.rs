@@ -10,7 +10,7 @@
 use crate::{require, Actor, App, AppError, RequestCtx};
 use nexplane_domain::connector::{redact_secrets, validate, ConnectorInput, ValidConnector};
 use nexplane_domain::{
-    Connector, ConnectorId, ConnectorStatus, Permission, Principal, SecretString,
+    Connector, ConnectorId, ConnectorStatus, Permission, Principal, SecretString, State,
 };
 use nexplane_ports::cloud::{CloudCredentials, CloudIdentity, CloudTarget};
 use nexplane_ports::{transaction, Page, Repo, SealedCredentials, StoreError};
@@ -509,9 +509,24 @@ pub(crate) fn clean_message(message: &str, target: &CloudTarget) -> String {
 }
 
 /// api.md §4: a connector cannot be deleted while a change request on it is `submitted`,
-/// `approved`, `executing` or `rolling_back` (409). Change requests are not stored yet, so
-/// there is nothing to check; once they are, look them up here through `r` and answer
-/// `AppError::Conflict { code: "connector_in_use", … }`.
-fn refuse_while_change_requests_open(_r: &mut dyn Repo, _c: &Connector) -> Result<(), AppError> {
+/// `approved`, `executing` or `rolling_back` (409 `connector_in_use`). The caller holds the
+/// connector's lock, and submitting a change request takes the same lock, so the answer stays
+/// true until the delete commits.
+fn refuse_while_change_requests_open(r: &mut dyn Repo, c: &Connector) -> Result<(), AppError> {
+    let blocking: Vec<State> = State::ALL
+        .into_iter()
+        .filter(|s| s.blocks_connector_delete())
+        .collect();
+    let open = r.count_connector_change_requests(&c.id, &blocking)?;
+    if open > 0 {
+        return Err(AppError::Conflict {
+            code: "connector_in_use",
+            detail: format!(
+                "connector {} has {open} change request(s) that are submitted, approved, \
+                 executing or rolling back; cancel or finish them first",
+                c.id
+            ),
+        });
+    }
     Ok(())
 }

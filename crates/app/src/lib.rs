@@ -8,6 +8,7 @@
 pub mod assets;
 pub mod audit;
 pub mod auth;
+pub mod change_requests;
 pub mod connectors;
 pub mod discovery;
 mod error;

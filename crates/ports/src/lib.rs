@@ -11,9 +11,9 @@ pub mod cloud;
 
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent};
 use nexplane_domain::{
-    AccessClaims, Asset, AssetId, Connector, ConnectorId, Environment, Job, JobId, JobKind,
-    PasswordHash, RefreshTokenRecord, SealedValue, SecretString, Session, SessionId, Timestamp,
-    User, UserId,
+    AccessClaims, Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId,
+    Environment, Job, JobId, JobKind, PasswordHash, RefreshTokenRecord, SealedValue, SecretString,
+    Session, SessionId, State, Timestamp, User, UserId,
 };
 use std::collections::BTreeMap;
 
@@ -73,6 +73,19 @@ pub struct AssetFilter {
     pub q: Option<String>,
     /// Include assets a discovery no longer found.
     pub include_removed: bool,
+}
+
+/// Filters of `GET /change-requests` (api.md §6). Every given filter must match.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChangeRequestFilter {
+    /// Change requests in this state.
+    pub state: Option<State>,
+    /// Change requests on this connector.
+    pub connector_id: Option<ConnectorId>,
+    /// Change requests of this change type.
+    pub change_type: Option<String>,
+    /// Change requests created by this user.
+    pub requested_by: Option<UserId>,
 }
 
 /// The sealed credentials of a connector, by name.
@@ -217,6 +230,36 @@ pub trait Repo {
     fn list_assets(&mut self, filter: &AssetFilter, page: &Page) -> Result<Vec<Asset>, StoreError>;
     /// An asset by id.
     fn get_asset(&mut self, id: &AssetId) -> Result<Option<Asset>, StoreError>;
+
+    /// Inserts a change request.
+    fn insert_change_request(&mut self, cr: &ChangeRequest) -> Result<(), StoreError>;
+    /// Overwrites every mutable field of a change request (all but id, change type,
+    /// connector, requester and created_at).
+    fn update_change_request(&mut self, cr: &ChangeRequest) -> Result<(), StoreError>;
+    /// A change request by id.
+    fn get_change_request(
+        &mut self,
+        id: &ChangeRequestId,
+    ) -> Result<Option<ChangeRequest>, StoreError>;
+    /// A change request by id, locked until the end of the transaction (`FOR UPDATE` on
+    /// PostgreSQL; SQLite transactions hold the write lock already), so that concurrent
+    /// transitions of the same change request run one after the other.
+    fn lock_change_request(
+        &mut self,
+        id: &ChangeRequestId,
+    ) -> Result<Option<ChangeRequest>, StoreError>;
+    /// Change requests matching `filter`, newest first, keyset by id.
+    fn list_change_requests(
+        &mut self,
+        filter: &ChangeRequestFilter,
+        page: &Page,
+    ) -> Result<Vec<ChangeRequest>, StoreError>;
+    /// Number of change requests on a connector that are in one of `states`.
+    fn count_connector_change_requests(
+        &mut self,
+        connector_id: &ConnectorId,
+        states: &[State],
+    ) -> Result<i64, StoreError>;
 }
 
 /// A database: runs closures inside transactions.

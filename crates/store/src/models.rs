@@ -2,15 +2,17 @@
 
 use crate::error::corrupt;
 use crate::schema::{
-    assets, audit_events, connector_credentials, connectors, jobs, refresh_tokens, sessions, users,
+    assets, audit_events, change_requests, connector_credentials, connectors, jobs, refresh_tokens,
+    sessions, users,
 };
 use diesel::prelude::*;
 use nexplane_domain::audit::AuditEvent;
+use nexplane_domain::change_request::{Approval, Rejection, Risk, State};
 use nexplane_domain::job::Progress;
 use nexplane_domain::{
-    Asset, AssetId, Connector, ConnectorId, ConnectorStatus, Environment, EventId, Job, JobId,
-    JobKind, JobStatus, LockState, PasswordHash, RefreshTokenRecord, Role, Session, SessionId,
-    Timestamp, User, UserId,
+    Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId, ConnectorStatus,
+    Environment, EventId, Job, JobId, JobKind, JobStatus, LockState, PasswordHash,
+    RefreshTokenRecord, Role, Session, SessionId, Timestamp, User, UserId,
 };
 use nexplane_ports::StoreError;
 
@@ -403,6 +405,106 @@ impl TryFrom<AssetRow> for Asset {
             first_seen_at: ts(r.first_seen_at),
             last_seen_at: ts(r.last_seen_at),
             removed_at: r.removed_at.map(ts),
+        })
+    }
+}
+
+/// A `change_requests` row. Target, risk, approvals and rejection are JSON text.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = change_requests)]
+pub(crate) struct ChangeRequestRow {
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub connector_id: Option<String>,
+    pub change_type: String,
+    pub target: String,
+    pub state: String,
+    pub risk: String,
+    pub required_approvals: i32,
+    pub approvals: String,
+    pub rejection: Option<String>,
+    pub requested_by: String,
+    pub environment: String,
+    pub applied_steps: i32,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub submitted_at: Option<i64>,
+    pub decided_at: Option<i64>,
+    pub executed_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl TryFrom<&ChangeRequest> for ChangeRequestRow {
+    type Error = StoreError;
+    fn try_from(c: &ChangeRequest) -> Result<Self, StoreError> {
+        Ok(ChangeRequestRow {
+            id: c.id.as_str().to_owned(),
+            title: c.title.clone(),
+            description: c.description.clone(),
+            connector_id: c.connector_id.as_ref().map(|i| i.as_str().to_owned()),
+            change_type: c.change_type.clone(),
+            target: to_json_text("change request target", &c.target)?,
+            state: c.state.as_str().to_owned(),
+            risk: to_json_text("change request risk", &c.risk)?,
+            required_approvals: i32::try_from(c.required_approvals).unwrap_or(i32::MAX),
+            approvals: to_json_text("change request approvals", &c.approvals)?,
+            rejection: c
+                .rejection
+                .as_ref()
+                .map(|r| to_json_text("change request rejection", r))
+                .transpose()?,
+            requested_by: c.requested_by.as_str().to_owned(),
+            environment: c.environment.as_str().to_owned(),
+            applied_steps: i32::try_from(c.applied_steps).unwrap_or(i32::MAX),
+            created_at: c.created_at.millis(),
+            updated_at: c.updated_at.millis(),
+            submitted_at: c.submitted_at.map(Timestamp::millis),
+            decided_at: c.decided_at.map(Timestamp::millis),
+            executed_at: c.executed_at.map(Timestamp::millis),
+            finished_at: c.finished_at.map(Timestamp::millis),
+        })
+    }
+}
+
+impl TryFrom<ChangeRequestRow> for ChangeRequest {
+    type Error = StoreError;
+    fn try_from(r: ChangeRequestRow) -> Result<Self, StoreError> {
+        let bad = |d: String| corrupt("change_requests", d);
+        Ok(ChangeRequest {
+            id: ChangeRequestId::parse(&r.id).map_err(|e| bad(e.to_string()))?,
+            connector_id: r
+                .connector_id
+                .as_deref()
+                .map(ConnectorId::parse)
+                .transpose()
+                .map_err(|e| bad(e.to_string()))?,
+            requested_by: UserId::parse(&r.requested_by).map_err(|e| bad(e.to_string()))?,
+            state: State::parse(&r.state)
+                .ok_or_else(|| bad(format!("unknown state {:?}", r.state)))?,
+            environment: Environment::parse(&r.environment)
+                .ok_or_else(|| bad(format!("unknown environment {:?}", r.environment)))?,
+            target: serde_json::from_str(&r.target).map_err(|e| bad(e.to_string()))?,
+            risk: serde_json::from_str::<Risk>(&r.risk).map_err(|e| bad(e.to_string()))?,
+            approvals: serde_json::from_str::<Vec<Approval>>(&r.approvals)
+                .map_err(|e| bad(e.to_string()))?,
+            rejection: r
+                .rejection
+                .as_deref()
+                .map(serde_json::from_str::<Rejection>)
+                .transpose()
+                .map_err(|e| bad(e.to_string()))?,
+            required_approvals: u32::try_from(r.required_approvals).unwrap_or(1),
+            applied_steps: u32::try_from(r.applied_steps).unwrap_or(0),
+            title: r.title,
+            description: r.description,
+            change_type: r.change_type,
+            created_at: ts(r.created_at),
+            updated_at: ts(r.updated_at),
+            submitted_at: r.submitted_at.map(ts),
+            decided_at: r.decided_at.map(ts),
+            executed_at: r.executed_at.map(ts),
+            finished_at: r.finished_at.map(ts),
         })
     }
 }

@@ -3,18 +3,23 @@
 use crate::conn::DbConn;
 use crate::error::db_err;
 use crate::models::{
-    AssetRow, AuditRow, ConnectorRow, CredentialRow, JobRow, RefreshTokenRow, SessionRow, UserRow,
+    AssetRow, AuditRow, ChangeRequestRow, ConnectorRow, CredentialRow, JobRow, RefreshTokenRow,
+    SessionRow, UserRow,
 };
 use crate::schema::{
-    assets, audit_events, connector_credentials, connectors, jobs, refresh_tokens, sessions, users,
+    assets, audit_events, change_requests, connector_credentials, connectors, jobs, refresh_tokens,
+    sessions, users,
 };
 use diesel::prelude::*;
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent, GENESIS_HASH};
 use nexplane_domain::{
-    Asset, AssetId, Connector, ConnectorId, Environment, Job, JobId, JobKind, RefreshTokenRecord,
-    SealedValue, Session, SessionId, Timestamp, User, UserId,
+    Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId, Environment, Job,
+    JobId, JobKind, RefreshTokenRecord, SealedValue, Session, SessionId, State, Timestamp, User,
+    UserId,
 };
-use nexplane_ports::{AssetFilter, AuditFilter, Page, Repo, SealedCredentials, StoreError};
+use nexplane_ports::{
+    AssetFilter, AuditFilter, ChangeRequestFilter, Page, Repo, SealedCredentials, StoreError,
+};
 use std::collections::BTreeMap;
 
 diesel::define_sql_function! {
@@ -781,6 +786,118 @@ impl Repo for SqlRepo<'_> {
             .first(self.conn)
             .optional();
         self.track(r)?.map(Asset::try_from).transpose()
+    }
+
+    fn insert_change_request(&mut self, cr: &ChangeRequest) -> Result<(), StoreError> {
+        let row = ChangeRequestRow::try_from(cr)?;
+        let r = diesel::insert_into(change_requests::table)
+            .values(&row)
+            .execute(self.conn);
+        self.track(r).map(drop)
+    }
+
+    fn update_change_request(&mut self, cr: &ChangeRequest) -> Result<(), StoreError> {
+        let row = ChangeRequestRow::try_from(cr)?;
+        let r = diesel::update(change_requests::table.find(&row.id))
+            .set((
+                change_requests::title.eq(&row.title),
+                change_requests::description.eq(&row.description),
+                change_requests::target.eq(&row.target),
+                change_requests::state.eq(&row.state),
+                change_requests::risk.eq(&row.risk),
+                change_requests::required_approvals.eq(row.required_approvals),
+                change_requests::approvals.eq(&row.approvals),
+                change_requests::rejection.eq(&row.rejection),
+                change_requests::environment.eq(&row.environment),
+                change_requests::applied_steps.eq(row.applied_steps),
+                change_requests::updated_at.eq(row.updated_at),
+                change_requests::submitted_at.eq(row.submitted_at),
+                change_requests::decided_at.eq(row.decided_at),
+                change_requests::executed_at.eq(row.executed_at),
+                change_requests::finished_at.eq(row.finished_at),
+            ))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no change request {}", row.id)));
+        }
+        Ok(())
+    }
+
+    fn get_change_request(
+        &mut self,
+        id: &ChangeRequestId,
+    ) -> Result<Option<ChangeRequest>, StoreError> {
+        let r = change_requests::table
+            .find(id.as_str())
+            .select(ChangeRequestRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(ChangeRequest::try_from).transpose()
+    }
+
+    fn lock_change_request(
+        &mut self,
+        id: &ChangeRequestId,
+    ) -> Result<Option<ChangeRequest>, StoreError> {
+        macro_rules! query {
+            () => {
+                change_requests::table
+                    .find(id.as_str())
+                    .select(ChangeRequestRow::as_select())
+            };
+        }
+        let r = match &mut *self.conn {
+            DbConn::Pg(c) => query!().for_update().first(c).optional(),
+            DbConn::Sqlite(c) => query!().first(c).optional(),
+        };
+        self.track(r)?.map(ChangeRequest::try_from).transpose()
+    }
+
+    fn list_change_requests(
+        &mut self,
+        filter: &ChangeRequestFilter,
+        page: &Page,
+    ) -> Result<Vec<ChangeRequest>, StoreError> {
+        let mut q = change_requests::table
+            .select(ChangeRequestRow::as_select())
+            .into_boxed();
+        if let Some(s) = filter.state {
+            q = q.filter(change_requests::state.eq(s.as_str()));
+        }
+        if let Some(c) = &filter.connector_id {
+            q = q.filter(change_requests::connector_id.eq(c.as_str().to_owned()));
+        }
+        if let Some(t) = &filter.change_type {
+            q = q.filter(change_requests::change_type.eq(t.clone()));
+        }
+        if let Some(u) = &filter.requested_by {
+            q = q.filter(change_requests::requested_by.eq(u.as_str().to_owned()));
+        }
+        if let Some(after) = &page.after {
+            q = q.filter(change_requests::id.lt(after.clone()));
+        }
+        let r = q
+            .order(change_requests::id.desc())
+            .limit(limit(page.limit))
+            .load(self.conn);
+        self.track(r)?
+            .into_iter()
+            .map(ChangeRequest::try_from)
+            .collect()
+    }
+
+    fn count_connector_change_requests(
+        &mut self,
+        connector_id: &ConnectorId,
+        states: &[State],
+    ) -> Result<i64, StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let r = change_requests::table
+            .filter(change_requests::connector_id.eq(connector_id.as_str()))
+            .filter(change_requests::state.eq_any(states))
+            .count()
+            .get_result(self.conn);
+        self.track(r)
     }
 }
 

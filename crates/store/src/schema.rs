@@ -114,6 +114,31 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    change_requests (id) {
+        id -> Text,
+        title -> Text,
+        description -> Text,
+        connector_id -> Nullable<Text>,
+        change_type -> Text,
+        target -> Text,
+        state -> Text,
+        risk -> Text,
+        required_approvals -> Integer,
+        approvals -> Text,
+        rejection -> Nullable<Text>,
+        requested_by -> Text,
+        environment -> Text,
+        applied_steps -> Integer,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        submitted_at -> Nullable<BigInt>,
+        decided_at -> Nullable<BigInt>,
+        executed_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(refresh_tokens -> sessions (session_id));
 diesel::joinable!(connector_credentials -> connectors (connector_id));
@@ -126,5 +151,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     connectors,
     connector_credentials,
     jobs,
-    assets
+    assets,
+    change_requests
 );

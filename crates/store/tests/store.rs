@@ -6,14 +6,17 @@
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use nexplane_domain::audit::{AuditEvent, ChainCheck, ChainVerifier, NewAuditEvent};
+use nexplane_domain::change_request::{self as cr, Action, Actor, NewChangeRequest, Policy};
 use nexplane_domain::job::{JobOutcome, Progress};
 use nexplane_domain::{
     Asset, AssetId, Connector, ConnectorId, ConnectorStatus, Environment, EventId, Job, JobId,
     JobKind, JobStatus, LockState, PasswordHash, RefreshTokenRecord, Role, SealedValue, Session,
     SessionId, Timestamp, User, UserId,
 };
+use nexplane_domain::{ChangeRequest, ChangeRequestId, State};
 use nexplane_ports::{
-    transaction, AssetFilter, AuditFilter, Page, SealedCredentials, Store, StoreError,
+    transaction, AssetFilter, AuditFilter, ChangeRequestFilter, Page, SealedCredentials, Store,
+    StoreError,
 };
 use nexplane_store::{Backend, Db, DbOptions};
 use std::collections::HashSet;
@@ -168,6 +171,8 @@ on_both_backends!(
     concurrent_workers_never_claim_the_same_job,
     one_active_discovery_per_connector,
     assets_upsert_filters_and_paging,
+    change_requests_round_trip_filters_and_paging,
+    concurrent_approvals_are_serialized,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -252,7 +257,8 @@ fn migrations_apply_once(t: &TestDb) {
             "2026-12-01-000001_identity",
             "2026-12-01-000002_audit",
             "2026-12-04-000003_connectors",
-            "2026-12-04-000004_discovery"
+            "2026-12-04-000004_discovery",
+            "2026-12-04-000005_change_requests"
         ]
     );
     // TestDb already migrated once: a second run, and a run from another pool, apply nothing.
@@ -1441,4 +1447,278 @@ fn assets_upsert_filters_and_paging(t: &TestDb) {
         tx(db, |r| r.connector_assets(&d.id))[0].environment,
         Environment::Staging
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Change requests
+
+fn actor(role: Role, created: Timestamp) -> Actor {
+    let id = UserId::new(created, rnd());
+    Actor::user(id.clone(), format!("{id}@example.com"), role)
+}
+
+fn change_request(
+    c: Option<&Connector>,
+    change_type: &str,
+    target: serde_json::Value,
+    by: &Actor,
+    created: Timestamp,
+) -> ChangeRequest {
+    let new = NewChangeRequest {
+        id: ChangeRequestId::new(created, rnd()),
+        title: format!("{change_type} at {}", created.millis()),
+        description: "why".into(),
+        connector_id: c.map(|c| c.id.clone()),
+        change_type: change_type.into(),
+        target,
+        environment: c.map_or(Environment::Production, |c| c.environment),
+    };
+    cr::create(new, by, &Policy::default(), created).unwrap().0
+}
+
+fn step(c: &ChangeRequest, action: Action, by: &Actor, now: Timestamp) -> ChangeRequest {
+    cr::apply(c, action, by, &Policy::default(), now).unwrap().0
+}
+
+fn change_requests_round_trip_filters_and_paging(t: &TestDb) {
+    let db = &t.db;
+    let c = connector("c", at(0));
+    let d = connector("d", at(0));
+    tx(db, |r| {
+        r.insert_connector(&c, &SealedCredentials::new())?;
+        r.insert_connector(&d, &SealedCredentials::new())
+    });
+    let op = actor(Role::Operator, at(0));
+    let other = actor(Role::Operator, at(0));
+    let alice = actor(Role::Approver, at(0));
+    let bob = actor(Role::Approver, at(0));
+
+    // A full round trip of every field, through submit, two approvals and a rejection.
+    let stop = change_request(
+        Some(&c),
+        "stop_ec2_instance",
+        serde_json::json!({"instance_id": "i-0123456789abcdef0"}),
+        &op,
+        at(1),
+    );
+    tx(db, |r| r.insert_change_request(&stop));
+    assert_eq!(
+        tx(db, |r| r.get_change_request(&stop.id)),
+        Some(stop.clone())
+    );
+    let submitted = step(&stop, Action::Submit, &op, at(2));
+    let once = step(
+        &submitted,
+        Action::Approve {
+            comment: Some("ok".into()),
+        },
+        &alice,
+        at(3),
+    );
+    tx(db, |r| r.update_change_request(&once));
+    assert_eq!(
+        tx(db, |r| r.lock_change_request(&stop.id)),
+        Some(once.clone())
+    );
+    let twice = step(&once, Action::Approve { comment: None }, &bob, at(4));
+    assert_eq!(twice.state, State::Approved);
+    tx(db, |r| r.update_change_request(&twice));
+    assert_eq!(
+        tx(db, |r| r.get_change_request(&stop.id)),
+        Some(twice.clone())
+    );
+
+    let rotate = change_request(
+        Some(&d),
+        "rotate_iam_access_key",
+        serde_json::json!({"iam_user": "prod-deploy"}),
+        &other,
+        at(5),
+    );
+    let rejected = step(
+        &step(&rotate, Action::Submit, &other, at(6)),
+        Action::Reject {
+            reason: "not now".into(),
+        },
+        &alice,
+        at(7),
+    );
+    tx(db, |r| r.insert_change_request(&rejected));
+    assert_eq!(
+        tx(db, |r| r.get_change_request(&rejected.id)),
+        Some(rejected.clone())
+    );
+    let agent = change_request(
+        None,
+        "agent_set_file_mode",
+        serde_json::json!({"agent_id": "agt_01jef8z7q3m4n5p6r7s8t9v0wx", "path": "/etc/x", "mode": "600"}),
+        &op,
+        at(8),
+    );
+    tx(db, |r| r.insert_change_request(&agent));
+    assert_eq!(
+        tx(db, |r| r.get_change_request(&agent.id)),
+        Some(agent.clone())
+    );
+    assert_eq!(
+        tx(db, |r| r
+            .get_change_request(&ChangeRequestId::new(at(0), rnd()))),
+        None
+    );
+    let mut drafts = Vec::new();
+    for i in 0..5 {
+        let cr = change_request(
+            Some(&c),
+            "start_ec2_instance",
+            serde_json::json!({"instance_id": "i-01234567"}),
+            &op,
+            at(10 + i),
+        );
+        tx(db, |r| r.insert_change_request(&cr));
+        drafts.push(cr);
+    }
+
+    let list = |f: ChangeRequestFilter, limit: u32, after: Option<&ChangeRequestId>| {
+        tx(db, |r| {
+            r.list_change_requests(
+                &f,
+                &Page {
+                    limit,
+                    after: after.map(|a| a.to_string()),
+                },
+            )
+        })
+        .into_iter()
+        .map(|c| c.id)
+        .collect::<Vec<_>>()
+    };
+    let all = list(ChangeRequestFilter::default(), 100, None);
+    assert_eq!(all.len(), 8);
+    let mut sorted = all.clone();
+    sorted.sort_by(|a, b| b.as_str().cmp(a.as_str()));
+    assert_eq!(all, sorted, "newest first");
+    let f =
+        |state: Option<State>, conn: Option<&Connector>, ty: Option<&str>, by: Option<&Actor>| {
+            ChangeRequestFilter {
+                state,
+                connector_id: conn.map(|c| c.id.clone()),
+                change_type: ty.map(str::to_owned),
+                requested_by: by.and_then(|a| a.user_id().cloned()),
+            }
+        };
+    assert_eq!(
+        list(f(Some(State::Approved), None, None, None), 100, None),
+        std::slice::from_ref(&stop.id)
+    );
+    assert_eq!(
+        list(f(Some(State::Rejected), Some(&d), None, None), 100, None),
+        std::slice::from_ref(&rejected.id)
+    );
+    assert_eq!(list(f(None, Some(&c), None, None), 100, None).len(), 6);
+    assert_eq!(
+        list(f(None, None, Some("agent_set_file_mode"), None), 100, None),
+        std::slice::from_ref(&agent.id)
+    );
+    assert_eq!(
+        list(f(None, None, None, Some(&other)), 100, None),
+        std::slice::from_ref(&rejected.id)
+    );
+    assert_eq!(
+        list(f(Some(State::Draft), None, None, Some(&op)), 100, None).len(),
+        6
+    );
+    assert!(list(f(Some(State::Draft), Some(&d), None, None), 100, None).is_empty());
+
+    // Keyset pages of one filter.
+    let mut seen = Vec::new();
+    let mut after: Option<ChangeRequestId> = None;
+    loop {
+        let p = list(
+            f(None, None, Some("start_ec2_instance"), None),
+            2,
+            after.as_ref(),
+        );
+        if p.is_empty() {
+            break;
+        }
+        after = p.last().cloned();
+        seen.extend(p);
+    }
+    assert_eq!(
+        seen,
+        drafts
+            .iter()
+            .rev()
+            .map(|c| c.id.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // What holds a connector: submitted, approved, executing, rolling back.
+    let blocking: Vec<State> = State::ALL
+        .into_iter()
+        .filter(|s| s.blocks_connector_delete())
+        .collect();
+    assert_eq!(
+        tx(db, |r| r.count_connector_change_requests(&c.id, &blocking)),
+        1
+    );
+    assert_eq!(
+        tx(db, |r| r.count_connector_change_requests(&d.id, &blocking)),
+        0
+    );
+    assert_eq!(
+        tx(db, |r| r
+            .count_connector_change_requests(&c.id, &[State::Draft])),
+        5
+    );
+    // Deleting a connector keeps the history of its change requests.
+    assert!(tx(db, |r| r.delete_connector(&d.id)));
+    assert_eq!(
+        tx(db, |r| r.get_change_request(&rejected.id)),
+        Some(rejected.clone())
+    );
+}
+
+fn concurrent_approvals_are_serialized(t: &TestDb) {
+    let db = &t.db;
+    let c = connector("c", at(0));
+    tx(db, |r| r.insert_connector(&c, &SealedCredentials::new()));
+    let op = actor(Role::Operator, at(0));
+    let stop = change_request(
+        Some(&c),
+        "stop_ec2_instance",
+        serde_json::json!({"instance_id": "i-0123456789abcdef0"}),
+        &op,
+        at(1),
+    );
+    assert_eq!(stop.required_approvals, 2);
+    let submitted = step(&stop, Action::Submit, &op, at(2));
+    tx(db, |r| r.insert_change_request(&submitted));
+
+    let approvers: Vec<Actor> = (0..2).map(|_| actor(Role::Approver, at(0))).collect();
+    let barrier = Arc::new(Barrier::new(approvers.len()));
+    let handles: Vec<_> = approvers
+        .into_iter()
+        .map(|a| {
+            let db = db.clone();
+            let barrier = barrier.clone();
+            let id = submitted.id.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                transaction(&db, |r| {
+                    let cur = r.lock_change_request(&id)?.unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                    let next = step(&cur, Action::Approve { comment: None }, &a, at(3));
+                    r.update_change_request(&next)
+                })
+                .unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let done = tx(db, |r| r.get_change_request(&submitted.id)).unwrap();
+    assert_eq!(done.approvals.len(), 2, "both approvals count");
+    assert_eq!(done.state, State::Approved);
 }

@@ -5,6 +5,7 @@
 mod assets;
 mod audit;
 mod auth;
+mod change_requests;
 mod cli;
 mod connectors;
 mod errors;

@@ -27,6 +27,13 @@ const PATHS: &[(&str, &[&str])] = &[
     ("/jobs/{id}", &["get"]),
     ("/assets", &["get"]),
     ("/assets/{id}", &["get"]),
+    ("/change-types", &["get"]),
+    ("/change-requests", &["get", "post"]),
+    ("/change-requests/{id}", &["get", "put"]),
+    ("/change-requests/{id}/submit", &["post"]),
+    ("/change-requests/{id}/approve", &["post"]),
+    ("/change-requests/{id}/reject", &["post"]),
+    ("/change-requests/{id}/cancel", &["post"]),
 ];
 
 const PUBLIC: &[&str] = &[
@@ -150,6 +157,10 @@ both!(
             ("/users/{id}", "put"),
             ("/users/{id}/password", "post"),
             ("/auth/login", "post"),
+            ("/change-requests", "post"),
+            ("/change-requests/{id}", "put"),
+            ("/change-requests/{id}/approve", "post"),
+            ("/change-requests/{id}/reject", "post"),
         ] {
             assert!(
                 paths[path][m]["requestBody"].is_object(),
