@@ -190,13 +190,7 @@ impl App {
                 }
             }
             r.insert_session(&session)?;
-            r.insert_refresh_token(&RefreshTokenRecord {
-                token_hash: refresh_token_hash(refresh.expose()),
-                session_id: session.id.clone(),
-                created_at: now,
-                expires_at: session.expires_at,
-                used_at: None,
-            })?;
+            r.insert_refresh_token(&refresh_record(&refresh, &session, now))?;
             let p = principal(&user, &session);
             self.audit(
                 r,
@@ -248,13 +242,7 @@ impl App {
             if !session.is_active(now) || now >= rec.expires_at || user.is_disabled() {
                 return Ok(RefreshOutcome::Refused);
             }
-            r.insert_refresh_token(&RefreshTokenRecord {
-                token_hash: refresh_token_hash(new_refresh.expose()),
-                session_id: session.id.clone(),
-                created_at: now,
-                expires_at: session.expires_at,
-                used_at: None,
-            })?;
+            r.insert_refresh_token(&refresh_record(&new_refresh, &session, now))?;
             Ok::<_, AppError>(RefreshOutcome::Issued(Box::new((
                 session,
                 user,
@@ -286,13 +274,7 @@ impl App {
             if !session.is_active(now) || user.is_disabled() {
                 return Err(AppError::Unauthorized("session ended".into()));
             }
-            r.insert_refresh_token(&RefreshTokenRecord {
-                token_hash: refresh_token_hash(new_refresh.expose()),
-                session_id: session.id.clone(),
-                created_at: now,
-                expires_at: session.expires_at,
-                used_at: None,
-            })?;
+            r.insert_refresh_token(&refresh_record(&new_refresh, &session, now))?;
             Ok((session, user))
         })?;
         self.issue(&user, &session, new_refresh, now)
@@ -399,6 +381,17 @@ impl App {
             })
             .clone()
             .unwrap_or_else(|| PasswordHash::new(String::new()))
+    }
+}
+
+/// The stored form of a new refresh token of `session` (it lives as long as the session).
+fn refresh_record(token: &SecretString, session: &Session, now: Timestamp) -> RefreshTokenRecord {
+    RefreshTokenRecord {
+        token_hash: refresh_token_hash(token.expose()),
+        session_id: session.id.clone(),
+        created_at: now,
+        expires_at: session.expires_at,
+        used_at: None,
     }
 }
 

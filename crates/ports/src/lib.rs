@@ -283,18 +283,22 @@ pub trait Store: Send + Sync {
     fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Runs `f` in one transaction of `store`, with any error type that a [`StoreError`] converts
-/// into. The transaction commits only when `f` returns `Ok` and the commit succeeds.
-pub fn transaction<T, E, F>(store: &dyn Store, f: F) -> Result<T, E>
+/// The dyn-safe entry points of [`Store`], for [`run_typed`].
+type DynRunner<'s> =
+    &'s dyn Fn(&mut dyn FnMut(&mut dyn Repo) -> Result<(), StoreError>) -> Result<(), StoreError>;
+
+/// Runs a typed closure through one of the store's dyn-safe entry points, carrying its value
+/// or its own error type out.
+fn run_typed<T, E, F>(run: DynRunner<'_>, f: F) -> Result<T, E>
 where
     E: From<StoreError>,
     F: FnOnce(&mut dyn Repo) -> Result<T, E>,
 {
     let mut f = Some(f);
     let mut out: Option<Result<T, E>> = None;
-    let r = store.transaction_dyn(&mut |repo| {
+    let r = run(&mut |repo| {
         let Some(f) = f.take() else {
-            return Err(StoreError::Other("transaction closure called twice".into()));
+            return Err(StoreError::Other("store closure called twice".into()));
         };
         let res = f(repo);
         let failed = res.is_err();
@@ -309,8 +313,18 @@ where
         (_, Some(Err(e))) => Err(e),
         (Ok(()), Some(Ok(v))) => Ok(v),
         (Err(e), _) => Err(e.into()),
-        (Ok(()), None) => Err(StoreError::Other("transaction closure not run".into()).into()),
+        (Ok(()), None) => Err(StoreError::Other("store closure not run".into()).into()),
     }
+}
+
+/// Runs `f` in one transaction of `store`, with any error type that a [`StoreError`] converts
+/// into. The transaction commits only when `f` returns `Ok` and the commit succeeds.
+pub fn transaction<T, E, F>(store: &dyn Store, f: F) -> Result<T, E>
+where
+    E: From<StoreError>,
+    F: FnOnce(&mut dyn Repo) -> Result<T, E>,
+{
+    run_typed(&|g| store.transaction_dyn(g), f)
 }
 
 /// Runs read-only `f` against `store` without a write transaction (see [`Store::read_dyn`]).
@@ -320,27 +334,7 @@ where
     E: From<StoreError>,
     F: FnOnce(&mut dyn Repo) -> Result<T, E>,
 {
-    let mut f = Some(f);
-    let mut out: Option<Result<T, E>> = None;
-    let r = store.read_dyn(&mut |repo| {
-        let Some(f) = f.take() else {
-            return Err(StoreError::Other("read closure called twice".into()));
-        };
-        let res = f(repo);
-        let failed = res.is_err();
-        out = Some(res);
-        if failed {
-            Err(StoreError::RolledBack)
-        } else {
-            Ok(())
-        }
-    });
-    match (r, out) {
-        (_, Some(Err(e))) => Err(e),
-        (Ok(()), Some(Ok(v))) => Ok(v),
-        (Err(e), _) => Err(e.into()),
-        (Ok(()), None) => Err(StoreError::Other("read closure not run".into()).into()),
-    }
+    run_typed(&|g| store.read_dyn(g), f)
 }
 
 /// A crypto failure (key material or a backend error; never carries secret values).
