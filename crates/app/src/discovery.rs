@@ -93,7 +93,7 @@ impl App {
             cid.as_str(),
             now,
         );
-        transaction(self.store(), |r: &mut dyn Repo| {
+        let queued = transaction(self.store(), |r: &mut dyn Repo| {
             let Some(c) = r.get_connector(&cid)? else {
                 return Err(crate::connectors::not_found(id));
             };
@@ -122,7 +122,11 @@ impl App {
                 json!({"job_id": job.id.as_str(), "connector_name": c.name}),
             )?;
             Ok((job.clone(), true))
-        })
+        })?;
+        if queued.1 {
+            self.job_queued();
+        }
+        Ok(queued)
     }
 
     /// Claims the oldest claimable job of `kinds` for `worker`, with a lease of

@@ -87,6 +87,22 @@ pub struct App {
     pub(crate) settings: Settings,
     pub(crate) tokens: Arc<auth::TokenCache>,
     pub(crate) unknown_logins: Arc<auth::UnknownLogins>,
+    pub(crate) job_listener: Arc<JobListener>,
+}
+
+/// Called after a new job has been committed, so a worker can start it at once instead of at
+/// its next poll.
+#[derive(Default)]
+pub(crate) struct JobListener(std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>);
+
+impl std::fmt::Debug for JobListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "JobListener(set)"
+        } else {
+            "JobListener"
+        })
+    }
 }
 
 impl App {
@@ -97,6 +113,19 @@ impl App {
             settings,
             tokens: Arc::new(auth::TokenCache::new(10_000)),
             unknown_logins: Arc::new(auth::UnknownLogins::new(100_000)),
+            job_listener: Arc::new(JobListener::default()),
+        }
+    }
+
+    /// Registers the function told about every newly queued job (the first call wins; every
+    /// clone of this `App` shares it). Workers still poll, so a missed call only delays.
+    pub fn on_job_queued(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.job_listener.0.set(f);
+    }
+
+    pub(crate) fn job_queued(&self) {
+        if let Some(f) = self.job_listener.0.get() {
+            f();
         }
     }
 

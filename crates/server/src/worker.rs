@@ -71,7 +71,10 @@ fn worker_name(app: &App) -> String {
 /// Starts the worker loop on the current tokio runtime.
 pub fn spawn(app: App, options: WorkerOptions) -> WorkerHandle {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(app, options, stopped));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let w = wake.clone();
+    app.on_job_queued(Box::new(move || w.notify_one()));
+    let task = tokio::spawn(run(app, options, stopped, wake));
     WorkerHandle { stop, task }
 }
 
@@ -86,7 +89,12 @@ where
     }
 }
 
-async fn run(app: App, options: WorkerOptions, mut stopped: watch::Receiver<bool>) {
+async fn run(
+    app: App,
+    options: WorkerOptions,
+    mut stopped: watch::Receiver<bool>,
+    wake: Arc<tokio::sync::Notify>,
+) {
     let name = worker_name(&app);
     tracing::info!(worker = %name, concurrency = options.concurrency, "job worker started");
     let slots = Arc::new(Semaphore::new(options.concurrency));
@@ -119,6 +127,7 @@ async fn run(app: App, options: WorkerOptions, mut stopped: watch::Receiver<bool
         drop(slot);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
+            _ = wake.notified() => {}
             _ = stopped.changed() => {}
         }
     }
