@@ -1,6 +1,8 @@
 //! Request and response bodies, as documented in the OpenAPI schema.
 
+use nexplane_app::execution::ChangeRequestView;
 use nexplane_domain::audit::AuditEvent;
+use nexplane_domain::execution::Journal;
 use nexplane_domain::{Asset, ChangeRequest, ChangeType, Connector, Job, User};
 use paperclip::actix::Apiv2Schema;
 use serde::{Deserialize, Serialize};
@@ -590,12 +592,85 @@ pub(crate) struct ChangeRequestDto {
     pub executed_at: Option<String>,
     /// The last execution or rollback finished.
     pub finished_at: Option<String>,
-    /// The execution journal `{job_id, steps, outputs, error}` (`null` until executed).
-    pub execution: Option<serde_json::Value>,
-    /// The rollback journal, same shape (`null` until rolled back).
-    pub rollback: Option<serde_json::Value>,
-    /// Names of the secrets the change produced (never their values).
+    /// The execution journal (`null` until executed).
+    pub execution: Option<JournalDto>,
+    /// The rollback journal (`null` until rolled back; a retried rollback keeps the undo
+    /// steps that had succeeded).
+    pub rollback: Option<JournalDto>,
+    /// Names of the secrets the change produced (never their values), e.g.
+    /// `["new_secret_access_key"]`. `POST /change-requests/{id}/reveal-secrets` returns the
+    /// values once.
     pub secret_outputs: Vec<String>,
+    /// When the secret outputs were revealed (and destroyed); `null` before.
+    pub secrets_revealed_at: Option<String>,
+}
+
+/// An execution or rollback journal (api.md §6): written before and after every provider
+/// call, so it shows exactly which steps were made.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct JournalDto {
+    /// The job running it (`GET /jobs/{id}`).
+    pub job_id: String,
+    /// The steps in the order they run (a rollback undoes the started execution steps in
+    /// reverse).
+    pub steps: Vec<StepDto>,
+    /// Non-secret results, e.g. `new_access_key_id`, `old_access_key_id`.
+    pub outputs: serde_json::Value,
+    /// Why it failed (`precheck failed: …` when nothing was applied).
+    pub error: Option<String>,
+}
+
+/// One step of a journal.
+#[derive(Serialize, Apiv2Schema)]
+pub(crate) struct StepDto {
+    /// Step name, e.g. `create_access_key`.
+    pub name: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `skipped` (not run after a failed
+    /// precheck or step).
+    pub status: String,
+    /// When it (last) started.
+    pub started_at: Option<String>,
+    /// When it ended.
+    pub finished_at: Option<String>,
+    /// What it did, or why it failed.
+    pub detail: Option<String>,
+}
+
+impl From<&Journal> for JournalDto {
+    fn from(j: &Journal) -> Self {
+        Self {
+            job_id: j.job_id.to_string(),
+            steps: j
+                .steps
+                .iter()
+                .map(|s| StepDto {
+                    name: s.name.clone(),
+                    status: serde_json::to_value(s.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    started_at: s.started_at.map(|t| t.to_rfc3339()),
+                    finished_at: s.finished_at.map(|t| t.to_rfc3339()),
+                    detail: s.detail.clone(),
+                })
+                .collect(),
+            outputs: serde_json::Value::Object(j.outputs.clone()),
+            error: j.error.clone(),
+        }
+    }
+}
+
+impl From<&ChangeRequestView> for ChangeRequestDto {
+    fn from(v: &ChangeRequestView) -> Self {
+        let mut dto = ChangeRequestDto::from(&v.change_request);
+        dto.execution = v.execution.as_ref().map(JournalDto::from);
+        dto.rollback = v.rollback.as_ref().map(JournalDto::from);
+        if let Some(e) = &v.execution {
+            dto.secret_outputs = e.secret_outputs.clone();
+            dto.secrets_revealed_at = e.secrets_revealed_at.map(|t| t.to_rfc3339());
+        }
+        dto
+    }
 }
 
 impl From<&ChangeRequest> for ChangeRequestDto {
@@ -642,6 +717,7 @@ impl From<&ChangeRequest> for ChangeRequestDto {
             execution: None,
             rollback: None,
             secret_outputs: Vec::new(),
+            secrets_revealed_at: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use nexplane_app::connectors::{ConnectorReplacement, NewConnector, TestReport};
 use nexplane_app::users::{NewUser, UserPatch};
 use nexplane_app::{auth::TokenPair, AppError};
 use nexplane_domain::audit::ChainCheck;
+use nexplane_domain::execution::JournalKind;
 use nexplane_domain::{SecretString, Timestamp};
 use nexplane_ports::{AssetFilter, AuditFilter, Page};
 use paperclip::actix::{api_v2_operation, web, NoContent};
@@ -674,7 +675,7 @@ pub(crate) async fn list_change_requests(
     Ok(paginate(
         rows,
         limit,
-        |c| c.id.to_string(),
+        |c| c.change_request.id.to_string(),
         |c| ChangeRequestDto::from(c),
     ))
 }
@@ -847,6 +848,82 @@ pub(crate) async fn cancel_change_request(
     decide(state, ctx, auth, id.into_inner(), Decision::Cancel).await
 }
 
+async fn run_change(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: String,
+    kind: JournalKind,
+) -> Result<Accepted<JobDto>, ApiError> {
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let (job, _new) = run(&ctx, move || app.run_change_request(&auth.0, &id, kind, &c)).await?;
+    Ok(Accepted {
+        location: format!("/jobs/{}", job.id),
+        body: JobDto::from(&job),
+    })
+}
+
+/// Execute an approved change request (operator, admin): 202 with the execution job.
+///
+/// The change request becomes `executing`; a durable job runs the change type's precheck
+/// against the live provider, then each step, journaling it before and after its provider
+/// call (`execution.steps`), and ends `complete` or `failed` (a failed precheck applies
+/// nothing). Repeating the call while the job runs returns the same job; any state but
+/// `approved` → 409 `invalid_transition`.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn execute_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<Accepted<JobDto>, ApiError> {
+    run_change(state, ctx, auth, id.into_inner(), JournalKind::Execution).await
+}
+
+/// Roll back a change request (operator, admin): 202 with the rollback job.
+///
+/// Possible from `complete` or `failed` when a step was applied, and from
+/// `rollback_failed` (a retry keeps the undo steps that succeeded). The job undoes the
+/// started execution steps in reverse order from the journal and ends `rolledback` or
+/// `rollback_failed`. Repeating the call while the job runs returns the same job. A change
+/// type without rollback → 409 `rollback_unsupported`; any other state → 409
+/// `invalid_transition`.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn rollback_change_request(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<Accepted<JobDto>, ApiError> {
+    run_change(state, ctx, auth, id.into_inner(), JournalKind::Rollback).await
+}
+
+/// Reveal the secret outputs of a change request, once (the requester or an admin).
+///
+/// Answers `{name: value}` (e.g. `{"new_secret_access_key": "…"}`) and destroys the stored
+/// values in the same transaction: a second call → 410 `gone`. A change request that
+/// produced no secret → 409 `no_secret_outputs`. Audited as
+/// `change_request.secrets_revealed` with the names only.
+#[api_v2_operation(tags(ChangeRequests))]
+pub(crate) async fn reveal_secrets(
+    state: Data,
+    ctx: Ctx,
+    auth: Auth,
+    id: web::Path<String>,
+) -> Result<web::Json<std::collections::BTreeMap<String, String>>, ApiError> {
+    let app = state.app.clone();
+    let c = ctx.0.clone();
+    let id = id.into_inner();
+    let secrets = run(&ctx, move || app.reveal_secrets(&auth.0, &id, &c)).await?;
+    Ok(web::Json(
+        secrets
+            .into_iter()
+            .map(|(k, v)| (k, v.expose().to_owned()))
+            .collect(),
+    ))
+}
+
 /// Registers every API route (used for serving and for generating the OpenAPI schema).
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate::LoginGovernor>) {
     let login_res = web::resource("/auth/login").route(web::post().to(login));
@@ -918,5 +995,17 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate:
         .service(
             web::resource("/change-requests/{id}/cancel")
                 .route(web::post().to(cancel_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/execute")
+                .route(web::post().to(execute_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/rollback")
+                .route(web::post().to(rollback_change_request)),
+        )
+        .service(
+            web::resource("/change-requests/{id}/reveal-secrets")
+                .route(web::post().to(reveal_secrets)),
         );
 }

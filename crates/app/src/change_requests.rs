@@ -1,5 +1,5 @@
 //! Change requests (api.md §6) up to the decision: create, list, read, edit, submit, approve,
-//! reject and cancel. Execution and rollback are not here.
+//! reject and cancel. Execution and rollback are in [`crate::execution`].
 //!
 //! Every rule of the state machine lives in [`nexplane_domain::change_request`]; this module
 //! resolves what the domain cannot see (the connector and its environment, the policy from
@@ -8,6 +8,7 @@
 //! audit events the domain returned. Two approvals racing on the same change request are
 //! therefore counted one after the other, never both against the same old value.
 
+use crate::execution::ChangeRequestView;
 use crate::{require, App, AppError, RequestCtx};
 use nexplane_domain::change_request::{self as domain, Action, DomainError, NewChangeRequest};
 use nexplane_domain::change_type::{builtin_catalog, find_builtin, ChangeType, ConnectorType};
@@ -76,11 +77,11 @@ pub enum Decision {
     Cancel,
 }
 
-fn not_found(id: &str) -> AppError {
+pub(crate) fn not_found(id: &str) -> AppError {
     AppError::NotFound(format!("no change request {id}"))
 }
 
-fn parse_id(id: &str) -> Result<ChangeRequestId, AppError> {
+pub(crate) fn parse_id(id: &str) -> Result<ChangeRequestId, AppError> {
     ChangeRequestId::parse(id).map_err(|_| not_found(id))
 }
 
@@ -118,15 +119,15 @@ fn check_connector_type(ct: &ChangeType, connector_type: &str, errors: &mut Vec<
 
 impl App {
     /// The rules of the state machine, from the settings.
-    fn policy(&self) -> Policy {
+    pub(crate) fn policy(&self) -> Policy {
         Policy {
             allow_self_approval: self.settings.allow_self_approval,
-            ..Policy::default()
+            required_approvals: self.settings.required_approvals,
         }
     }
 
     /// Appends the domain's events inside the caller's transaction.
-    fn append_events(
+    pub(crate) fn append_events(
         &self,
         r: &mut dyn Repo,
         ctx: &RequestCtx,
@@ -151,7 +152,7 @@ impl App {
         p: &Principal,
         query: &ChangeRequestQuery,
         page: &Page,
-    ) -> Result<Vec<ChangeRequest>, AppError> {
+    ) -> Result<Vec<ChangeRequestView>, AppError> {
         require(p, Permission::Read)?;
         let mut errors = Vec::new();
         let state = query.state.as_deref().and_then(|s| {
@@ -186,19 +187,23 @@ impl App {
             requested_by,
         };
         transaction(self.store(), |r: &mut dyn Repo| {
-            r.list_change_requests(&filter, page)
-                .map_err(AppError::from)
+            let found = r.list_change_requests(&filter, page)?;
+            found.into_iter().map(|cr| self.view(r, cr)).collect()
         })
     }
 
     /// `GET /change-requests/{id}` (any role; an unknown or malformed id is a 404).
-    pub fn get_change_request(&self, p: &Principal, id: &str) -> Result<ChangeRequest, AppError> {
+    pub fn get_change_request(
+        &self,
+        p: &Principal,
+        id: &str,
+    ) -> Result<ChangeRequestView, AppError> {
         require(p, Permission::Read)?;
         let crid = parse_id(id)?;
         transaction(self.store(), |r: &mut dyn Repo| {
-            r.get_change_request(&crid).map_err(AppError::from)
-        })?
-        .ok_or_else(|| not_found(id))
+            let cr = r.get_change_request(&crid)?.ok_or_else(|| not_found(id))?;
+            self.view(r, cr)
+        })
     }
 
     /// `POST /change-requests` (operator, admin): a new `draft`. The change type must exist,

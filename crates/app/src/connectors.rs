@@ -475,6 +475,7 @@ impl App {
                 r.update_credential(id, name, &resealed)?;
                 connectors.insert(id.clone());
             }
+            let secrets = self.reseal_secret_outputs(r)?;
             self.audit(
                 r,
                 &RequestCtx::default(),
@@ -483,7 +484,7 @@ impl App {
                 "master_key",
                 Some(new_key_id),
                 json!({"credentials_resealed": all.len(), "connectors": connectors.len(),
-                    "via": "cli"}),
+                    "secret_outputs_resealed": secrets, "via": "cli"}),
             )?;
             Ok(all.len())
         })

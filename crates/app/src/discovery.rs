@@ -56,7 +56,7 @@ fn job_not_found(id: &str) -> AppError {
     AppError::NotFound(format!("no job {id}"))
 }
 
-fn lease_error(e: JobError) -> AppError {
+pub(crate) fn lease_error(e: JobError) -> AppError {
     AppError::Conflict {
         code: "lease_lost",
         detail: e.to_string(),

@@ -12,6 +12,7 @@ pub mod change_requests;
 pub mod connectors;
 pub mod discovery;
 mod error;
+pub mod execution;
 pub mod ratelimit;
 pub mod users;
 
@@ -19,7 +20,7 @@ pub use error::AppError;
 
 use nexplane_domain::audit::NewAuditEvent;
 use nexplane_domain::{EventId, Principal, Timestamp};
-use nexplane_ports::cloud::CloudProvider;
+use nexplane_ports::cloud::{ChangeProvider, CloudProvider};
 use nexplane_ports::{
     Clock, CredentialSealer, PasswordHasher, Random, Repo, Store, StoreError, TokenSigner,
 };
@@ -42,6 +43,8 @@ pub struct Deps {
     pub sealer: Arc<dyn CredentialSealer>,
     /// The cloud providers (connector tests and discovery).
     pub cloud: Arc<dyn CloudProvider>,
+    /// The adapters that make changes (prechecks, steps and undo steps).
+    pub changes: Arc<dyn ChangeProvider>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -59,6 +62,10 @@ pub struct Settings {
     pub access_ttl_secs: i64,
     /// Whether a requester may approve their own change request.
     pub allow_self_approval: bool,
+    /// Approvals a change request needs, per risk level.
+    pub required_approvals: nexplane_domain::change_request::RequiredApprovals,
+    /// The lease a job worker holds, in seconds (renewed with every journal write).
+    pub job_lease_secs: i64,
 }
 
 impl Default for Settings {
@@ -67,6 +74,8 @@ impl Default for Settings {
             session_ttl_secs: 12 * 3600,
             access_ttl_secs: nexplane_domain::auth::ACCESS_TOKEN_TTL_SECS,
             allow_self_approval: false,
+            required_approvals: Default::default(),
+            job_lease_secs: nexplane_domain::job::DEFAULT_LEASE_SECS,
         }
     }
 }

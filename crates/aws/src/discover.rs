@@ -32,7 +32,7 @@ const REGIONS_IN_FLIGHT: usize = 4;
 
 /// The marker of the next page, or `None` at the end. Fails when the endpoint keeps handing
 /// back the same marker (which would loop for ever).
-fn next_page(
+pub(crate) fn next_page(
     more: bool,
     marker: Option<String>,
     previous: &Option<String>,
@@ -199,7 +199,7 @@ async fn password_last_used(
 }
 
 /// Every access key of one user; `None` when the user no longer exists.
-async fn access_keys(
+pub(crate) async fn access_keys(
     session: &Session,
     iam: &IamClient,
     user_name: &str,

@@ -41,11 +41,13 @@
 //! should the provider echo one. Every call has a time-out, so nothing hangs.
 #![deny(missing_docs)]
 
+mod change;
 mod discover;
 mod error;
 mod session;
 pub mod settings;
 
+pub use change::{LOCK_POLICY_DOCUMENT, LOCK_POLICY_NAME};
 use hyper::client::HttpConnector;
 use hyper_rustls::HttpsConnector;
 use nexplane_ports::cloud::{
@@ -82,6 +84,9 @@ pub struct AwsOptions {
     pub request_timeout: Duration,
     /// Per-user IAM calls in flight at once during discovery (default 16).
     pub max_in_flight: usize,
+    /// How long a stop or start step waits for the instance to be `stopped` or `running`
+    /// (default 5 min; the instance is looked at with growing pauses of up to 5 s).
+    pub state_wait: Duration,
 }
 
 impl Default for AwsOptions {
@@ -90,6 +95,7 @@ impl Default for AwsOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(20),
             max_in_flight: 16,
+            state_wait: Duration::from_secs(300),
         }
     }
 }

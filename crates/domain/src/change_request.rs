@@ -717,6 +717,9 @@ pub enum EventType {
     /// `change_request.rollback_failed`
     #[serde(rename = "change_request.rollback_failed")]
     RollbackFailed,
+    /// `change_request.secrets_revealed` (payload: the names, never the values)
+    #[serde(rename = "change_request.secrets_revealed")]
+    SecretsRevealed,
 }
 
 impl EventType {
@@ -735,6 +738,7 @@ impl EventType {
             EventType::RollbackStarted => "change_request.rollback_started",
             EventType::Rolledback => "change_request.rolledback",
             EventType::RollbackFailed => "change_request.rollback_failed",
+            EventType::SecretsRevealed => "change_request.secrets_revealed",
         }
     }
 }

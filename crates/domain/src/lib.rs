@@ -91,6 +91,7 @@ pub mod auth;
 pub mod change_request;
 pub mod change_type;
 pub mod connector;
+pub mod execution;
 pub mod id;
 pub mod job;
 pub mod secret;

@@ -10,6 +10,7 @@
 pub mod cloud;
 
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent};
+use nexplane_domain::execution::{Journal, JournalKind};
 use nexplane_domain::{
     AccessClaims, Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId,
     Environment, Job, JobId, JobKind, PasswordHash, RefreshTokenRecord, SealedValue, SecretString,
@@ -260,6 +261,37 @@ pub trait Repo {
         connector_id: &ConnectorId,
         states: &[State],
     ) -> Result<i64, StoreError>;
+
+    /// The journal of a change request's execution or rollback.
+    fn get_journal(
+        &mut self,
+        id: &ChangeRequestId,
+        kind: JournalKind,
+    ) -> Result<Option<Journal>, StoreError>;
+    /// Stores a journal (inserts it, or replaces the one of the same kind).
+    fn put_journal(
+        &mut self,
+        id: &ChangeRequestId,
+        journal: &Journal,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// Stores a sealed secret output of a change request (replacing one of the same name).
+    fn put_secret(
+        &mut self,
+        id: &ChangeRequestId,
+        name: &str,
+        value: &SealedValue,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// The sealed secret outputs of a change request, by name.
+    fn get_secrets(
+        &mut self,
+        id: &ChangeRequestId,
+    ) -> Result<Vec<(String, SealedValue)>, StoreError>;
+    /// Deletes every secret output of a change request; returns how many there were.
+    fn delete_secrets(&mut self, id: &ChangeRequestId) -> Result<u64, StoreError>;
+    /// Every sealed secret output (for re-sealing under a new master key).
+    fn all_secrets(&mut self) -> Result<Vec<(ChangeRequestId, String, SealedValue)>, StoreError>;
 }
 
 /// A database: runs closures inside transactions.

@@ -1,6 +1,7 @@
 //! Configuration (api.md §12): environment variables, optionally a TOML file; the
 //! environment wins. Every value is checked at start and a bad one is reported by key.
 
+use nexplane_domain::change_request::RequiredApprovals;
 use nexplane_domain::SecretString;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,6 +75,14 @@ pub struct Config {
     /// `NEXPLANE_JOB_LEASE_SECONDS`: lease a worker holds on a job (default 60, at least 4);
     /// a job whose worker stops renewing it is resumed by another worker after this long.
     pub job_lease_secs: i64,
+    /// `NEXPLANE_REQUIRED_APPROVALS_LOW`, `_MEDIUM`, `_HIGH`, `_CRITICAL` (defaults 1, 1,
+    /// 2, 2): approvals a change request of that risk level needs.
+    pub required_approvals: RequiredApprovals,
+    /// `NEXPLANE_TEST_PAUSE_AT` (tests only): the job worker stops for good at this point of
+    /// an execution or rollback (`<execution|rollback>:<step>:<started|called|journaled>`),
+    /// after writing the point's name to `<data dir>/paused-at`, so a test can kill the
+    /// process exactly there. Never set it in production.
+    pub test_pause_at: Option<String>,
 }
 
 /// Keys a config file may set (the variable names without `NEXPLANE_`, lowercase).
@@ -97,6 +106,11 @@ const KEYS: &[&str] = &[
     "db_connect_timeout_seconds",
     "job_workers",
     "job_lease_seconds",
+    "required_approvals_low",
+    "required_approvals_medium",
+    "required_approvals_high",
+    "required_approvals_critical",
+    "test_pause_at",
 ];
 
 /// Where values come from: the environment first, then the file.
@@ -253,7 +267,16 @@ impl Config {
         if job_lease_secs < 4 {
             return Err(err("NEXPLANE_JOB_LEASE_SECONDS", "must be at least 4"));
         }
+        let defaults = RequiredApprovals::default();
+        let required_approvals = RequiredApprovals {
+            low: positive(src, "required_approvals_low", defaults.low)?,
+            medium: positive(src, "required_approvals_medium", defaults.medium)?,
+            high: positive(src, "required_approvals_high", defaults.high)?,
+            critical: positive(src, "required_approvals_critical", defaults.critical)?,
+        };
         Ok(Config {
+            required_approvals,
+            test_pause_at: src.get("test_pause_at").map(|(_, v)| v),
             job_workers: positive(src, "job_workers", 2)?,
             job_lease_secs,
             bind,

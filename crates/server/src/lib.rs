@@ -14,7 +14,7 @@ use nexplane_api::{ApiConfig, ApiState};
 use nexplane_app::{App, Deps, Settings};
 use nexplane_crypto::{Argon2Hasher, MasterKey, OsRandom, RsaTokenSigner, Sealer};
 use nexplane_domain::{SecretString, Timestamp};
-use nexplane_ports::cloud::CloudProvider;
+use nexplane_ports::cloud::{ChangeProvider, CloudProvider};
 use nexplane_ports::{Clock, CredentialSealer, Random};
 use nexplane_store::{Db, DbOptions};
 use std::net::{SocketAddr, TcpListener};
@@ -127,14 +127,40 @@ pub fn load_master_keys(
     Ok((current, unique, source))
 }
 
-/// The default cloud providers: the `aws` adapter.
-pub fn default_cloud() -> Arc<dyn CloudProvider> {
-    Arc::new(nexplane_aws::AwsProvider::new())
+/// The provider adapters the application runs on.
+#[derive(Clone)]
+pub struct Providers {
+    /// Connector tests and discovery.
+    pub cloud: Arc<dyn CloudProvider>,
+    /// Prechecks, steps and undo steps of change types.
+    pub changes: Arc<dyn ChangeProvider>,
+}
+
+impl std::fmt::Debug for Providers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Providers")
+    }
+}
+
+impl Providers {
+    /// Both roles played by one `aws` adapter.
+    pub fn aws(provider: nexplane_aws::AwsProvider) -> Self {
+        let aws = Arc::new(provider);
+        Self {
+            cloud: aws.clone(),
+            changes: aws,
+        }
+    }
+}
+
+/// The default providers: the `aws` adapter.
+pub fn default_providers() -> Providers {
+    Providers::aws(nexplane_aws::AwsProvider::new())
 }
 
 /// Builds the application (database, keys, bootstrap admin) without serving it.
 pub fn build_app(cfg: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError> {
-    build_app_with(cfg, clock, default_cloud(), None)
+    build_app_with(cfg, clock, default_providers(), None)
 }
 
 /// [`build_app`] with the cloud providers given, and optionally a credential sealer other
@@ -142,7 +168,7 @@ pub fn build_app(cfg: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError>
 pub fn build_app_with(
     cfg: &Config,
     clock: Arc<dyn Clock>,
-    cloud: Arc<dyn CloudProvider>,
+    providers: Providers,
     sealer: Option<Arc<dyn CredentialSealer>>,
 ) -> Result<App, StartError> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -176,11 +202,14 @@ pub fn build_app_with(
             clock,
             random: random.clone(),
             sealer,
-            cloud,
+            cloud: providers.cloud,
+            changes: providers.changes,
         },
         Settings {
             session_ttl_secs: cfg.session_ttl_secs,
             allow_self_approval: cfg.allow_self_approval,
+            required_approvals: cfg.required_approvals,
+            job_lease_secs: cfg.job_lease_secs,
             ..Settings::default()
         },
     );
@@ -242,22 +271,25 @@ pub struct Running {
 
 /// Builds everything and starts serving on `cfg.bind`. Must run inside a tokio runtime.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
-    start_with(cfg, clock, default_cloud()).await
+    start_with(cfg, clock, default_providers()).await
 }
 
 /// [`start`] with the cloud providers given.
 pub async fn start_with(
     cfg: Config,
     clock: Arc<dyn Clock>,
-    cloud: Arc<dyn CloudProvider>,
+    providers: Providers,
 ) -> Result<Running, StartError> {
     let c = cfg.clone();
-    let app = tokio::task::spawn_blocking(move || build_app_with(&c, clock, cloud, None))
+    let app = tokio::task::spawn_blocking(move || build_app_with(&c, clock, providers, None))
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
     let worker = worker::spawn(
         app.clone(),
-        worker::WorkerOptions::new(cfg.job_workers, cfg.job_lease_secs),
+        worker::WorkerOptions::new(cfg.job_workers, cfg.job_lease_secs).with_test_pause(
+            cfg.test_pause_at.clone(),
+            cfg.data_dir.join(worker::PAUSE_MARKER),
+        ),
     );
     let listener = TcpListener::bind(cfg.bind).map_err(|e| {
         StartError::Other(format!("NEXPLANE_BIND: cannot listen on {}: {e}", cfg.bind))
@@ -338,7 +370,7 @@ pub fn rotate_master_key(
     let mut previous = vec![current.clone()];
     previous.extend(retained.into_iter().filter(|k| k.id() != new.id()));
     let sealer = Sealer::from_master_keys(&new, &previous).map_err(keys_err)?;
-    let app = build_app_with(cfg, clock, default_cloud(), Some(Arc::new(sealer)))?;
+    let app = build_app_with(cfg, clock, default_providers(), Some(Arc::new(sealer)))?;
     let resealed = app
         .reseal_credentials(&new.id())
         .map_err(|e| StartError::Other(format!("re-sealing credentials: {e}")))?;

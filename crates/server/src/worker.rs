@@ -8,9 +8,12 @@
 //! latest progress.
 
 use nexplane_app::discovery::{DiscoveryRun, DiscoveryStart};
+use nexplane_app::execution::{ChangeRun, ChangeStart};
 use nexplane_app::{App, AppError};
+use nexplane_domain::execution::Next;
 use nexplane_domain::job::Progress;
-use nexplane_domain::{Job, JobKind};
+use nexplane_domain::{Job, JobId, JobKind};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
@@ -28,7 +31,13 @@ pub struct WorkerOptions {
     pub progress_every: Duration,
     /// How long to wait before looking again when the queue is empty.
     pub idle_poll: Duration,
+    /// Tests only (`NEXPLANE_TEST_PAUSE_AT`): the point of an execution or rollback where
+    /// the worker stops for good, and the file it writes the point's name to first.
+    pub test_pause: Option<(String, PathBuf)>,
 }
+
+/// The file (in the data directory) a paused worker writes its pause point to.
+pub const PAUSE_MARKER: &str = "paused-at";
 
 impl WorkerOptions {
     /// Options for a lease of `lease_secs` seconds: renewal every quarter of it.
@@ -40,7 +49,14 @@ impl WorkerOptions {
             renew_every: Duration::from_secs(u64::try_from(lease_secs / 4).unwrap_or(15).max(1)),
             progress_every: Duration::from_millis(500),
             idle_poll: Duration::from_millis(250),
+            test_pause: None,
         }
+    }
+
+    /// Sets the test pause point (see [`WorkerOptions::test_pause`]).
+    pub fn with_test_pause(mut self, point: Option<String>, marker: PathBuf) -> Self {
+        self.test_pause = point.map(|p| (p, marker));
+        self
     }
 }
 
@@ -98,7 +114,7 @@ async fn run(
     let name = worker_name(&app);
     tracing::info!(worker = %name, concurrency = options.concurrency, "job worker started");
     let slots = Arc::new(Semaphore::new(options.concurrency));
-    let kinds = [JobKind::Discovery];
+    let kinds = [JobKind::Discovery, JobKind::Execution, JobKind::Rollback];
     loop {
         if *stopped.borrow() {
             break;
@@ -137,10 +153,126 @@ async fn run(
 async fn run_job(app: App, worker: String, job: Job, options: WorkerOptions) {
     match job.kind {
         JobKind::Discovery => run_discovery(app, worker, job, options).await,
-        other => {
-            // No worker for this kind in this version: leave it for one that has.
-            tracing::warn!(job = %job.id, kind = other.as_str(), "no runner for this job kind");
+        JobKind::Execution | JobKind::Rollback => run_change(app, worker, job, options).await,
+    }
+}
+
+/// Renews the lease of a job every `renew_every` until dropped (a provider call may take
+/// longer than a lease; journal writes renew it too).
+struct LeaseKeeper(tokio::task::JoinHandle<()>);
+
+impl LeaseKeeper {
+    fn start(app: App, worker: String, job_id: JobId, options: &WorkerOptions) -> Self {
+        let (every, lease) = (options.renew_every, options.lease_secs);
+        Self(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let (a, w, id) = (app.clone(), worker.clone(), job_id.clone());
+                match blocking(move || a.heartbeat_job(&w, &id, None, lease)).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!(job = %job_id, error = %e, "cannot renew the lease"),
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Tests only: stops this job for good at `point` (the process is then killed by the test).
+async fn pause_point(options: &WorkerOptions, point: &str) {
+    let Some((at, marker)) = &options.test_pause else {
+        return;
+    };
+    if at != point {
+        return;
+    }
+    tracing::warn!(point, "NEXPLANE_TEST_PAUSE_AT reached: this job stops here");
+    if let Err(e) = std::fs::write(marker, point) {
+        tracing::warn!(error = %e, "cannot write the pause marker");
+    }
+    std::future::pending::<()>().await;
+}
+
+/// Drives an execution or rollback from its journal: the precheck, then each step journaled
+/// before and after its provider call, then the end. Any database failure stops the run;
+/// the job is resumed from its journal once its lease runs out.
+async fn run_change(app: App, worker: String, job: Job, options: WorkerOptions) {
+    let job_id = job.id.clone();
+    let (a, w) = (app.clone(), worker.clone());
+    let mut run: ChangeRun = match blocking(move || a.begin_change(&w, &job)).await {
+        Ok(ChangeStart::Run(run)) => *run,
+        Ok(ChangeStart::Done) => return,
+        Err(e) => {
+            tracing::warn!(job = %job_id, error = %e, "cannot start the change job");
+            return;
         }
+    };
+    let kind = run.journal.kind;
+    tracing::info!(job = %job_id, change_request = %run.change_request_id, %kind, "change job running");
+    let _lease = LeaseKeeper::start(app.clone(), worker.clone(), job_id.clone(), &options);
+    loop {
+        let next = run.next();
+        let stored = match next {
+            Next::Precheck => {
+                let result = app.change_precheck(&run).await;
+                let (a, w) = (app.clone(), worker.clone());
+                blocking(move || a.record_precheck(&w, run, result)).await
+            }
+            Next::Step { index, resumed } => {
+                let step = run.step_name(index).to_owned();
+                let (a, w) = (app.clone(), worker.clone());
+                run = match blocking(move || a.start_step(&w, run, index)).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(job = %job_id, error = %e, "cannot journal the step; resumed after the lease");
+                        return;
+                    }
+                };
+                pause_point(&options, &format!("{kind}:{step}:started")).await;
+                if resumed {
+                    tracing::info!(job = %job_id, step, "reconciling a step interrupted before");
+                }
+                let context = run.journal.step_context();
+                let result = app.call_step(&run, index, resumed, &context).await;
+                pause_point(&options, &format!("{kind}:{step}:called")).await;
+                let (a, w) = (app.clone(), worker.clone());
+                let stored = blocking(move || a.finish_step(&w, run, index, result)).await;
+                if matches!(stored, Ok(Some(_))) {
+                    pause_point(&options, &format!("{kind}:{step}:journaled")).await;
+                }
+                stored
+            }
+            Next::Finish { .. } => {
+                let (a, w) = (app.clone(), worker.clone());
+                let r = run.clone();
+                match blocking(move || a.finish_change(&w, &r)).await {
+                    Ok(Some(done)) => tracing::info!(job = %done.id, status = done.status.as_str(),
+                        change_request = %run.change_request_id, "change job finished"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(job = %job_id, error = %e,
+                        "cannot end the change job; it is resumed when its lease runs out"),
+                }
+                return;
+            }
+        };
+        run = match stored {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e,
+                    "cannot journal the change job; it is resumed when its lease runs out");
+                return;
+            }
+        };
     }
 }
 

@@ -7,11 +7,12 @@ use crate::models::{
     SessionRow, UserRow,
 };
 use crate::schema::{
-    assets, audit_events, change_requests, connector_credentials, connectors, jobs, refresh_tokens,
-    sessions, users,
+    assets, audit_events, change_request_journals, change_request_secrets, change_requests,
+    connector_credentials, connectors, jobs, refresh_tokens, sessions, users,
 };
 use diesel::prelude::*;
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent, GENESIS_HASH};
+use nexplane_domain::execution::{Journal, JournalKind};
 use nexplane_domain::{
     Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId, Environment, Job,
     JobId, JobKind, RefreshTokenRecord, SealedValue, Session, SessionId, State, Timestamp, User,
@@ -898,6 +899,126 @@ impl Repo for SqlRepo<'_> {
             .count()
             .get_result(self.conn);
         self.track(r)
+    }
+
+    fn get_journal(
+        &mut self,
+        id: &ChangeRequestId,
+        kind: JournalKind,
+    ) -> Result<Option<Journal>, StoreError> {
+        let r = change_request_journals::table
+            .find((id.as_str(), kind.as_str()))
+            .select(change_request_journals::body)
+            .first::<String>(self.conn)
+            .optional();
+        self.track(r)?
+            .map(|body| {
+                serde_json::from_str(&body)
+                    .map_err(|e| crate::error::corrupt("change_request_journals", e))
+            })
+            .transpose()
+    }
+
+    fn put_journal(
+        &mut self,
+        id: &ChangeRequestId,
+        journal: &Journal,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(journal)
+            .map_err(|e| StoreError::Other(format!("journal: {e}")))?;
+        let key = (id.as_str(), journal.kind.as_str());
+        let r = diesel::update(change_request_journals::table.find(key))
+            .set((
+                change_request_journals::job_id.eq(journal.job_id.as_str()),
+                change_request_journals::body.eq(&body),
+                change_request_journals::updated_at.eq(at.millis()),
+            ))
+            .execute(self.conn);
+        if self.track(r)? == 1 {
+            return Ok(());
+        }
+        let r = diesel::insert_into(change_request_journals::table)
+            .values((
+                change_request_journals::change_request_id.eq(id.as_str()),
+                change_request_journals::kind.eq(journal.kind.as_str()),
+                change_request_journals::job_id.eq(journal.job_id.as_str()),
+                change_request_journals::body.eq(&body),
+                change_request_journals::updated_at.eq(at.millis()),
+            ))
+            .execute(self.conn);
+        self.track(r).map(|_| ())
+    }
+
+    fn put_secret(
+        &mut self,
+        id: &ChangeRequestId,
+        name: &str,
+        value: &SealedValue,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let r = diesel::delete(change_request_secrets::table.find((id.as_str(), name)))
+            .execute(self.conn);
+        self.track(r)?;
+        let r = diesel::insert_into(change_request_secrets::table)
+            .values((
+                change_request_secrets::change_request_id.eq(id.as_str()),
+                change_request_secrets::name.eq(name),
+                change_request_secrets::sealed_value.eq(value.as_str()),
+                change_request_secrets::created_at.eq(at.millis()),
+            ))
+            .execute(self.conn);
+        self.track(r).map(|_| ())
+    }
+
+    fn get_secrets(
+        &mut self,
+        id: &ChangeRequestId,
+    ) -> Result<Vec<(String, SealedValue)>, StoreError> {
+        let r = change_request_secrets::table
+            .filter(change_request_secrets::change_request_id.eq(id.as_str()))
+            .select((
+                change_request_secrets::name,
+                change_request_secrets::sealed_value,
+            ))
+            .order(change_request_secrets::name.asc())
+            .load::<(String, String)>(self.conn);
+        Ok(self
+            .track(r)?
+            .into_iter()
+            .map(|(name, v)| (name, SealedValue::new(v)))
+            .collect())
+    }
+
+    fn delete_secrets(&mut self, id: &ChangeRequestId) -> Result<u64, StoreError> {
+        let r = diesel::delete(
+            change_request_secrets::table
+                .filter(change_request_secrets::change_request_id.eq(id.as_str())),
+        )
+        .execute(self.conn);
+        Ok(u64::try_from(self.track(r)?).unwrap_or(0))
+    }
+
+    fn all_secrets(&mut self) -> Result<Vec<(ChangeRequestId, String, SealedValue)>, StoreError> {
+        let r = change_request_secrets::table
+            .select((
+                change_request_secrets::change_request_id,
+                change_request_secrets::name,
+                change_request_secrets::sealed_value,
+            ))
+            .order((
+                change_request_secrets::change_request_id.asc(),
+                change_request_secrets::name.asc(),
+            ))
+            .load::<(String, String, String)>(self.conn);
+        self.track(r)?
+            .into_iter()
+            .map(|(id, name, v)| {
+                let id = ChangeRequestId::parse(&id)
+                    .map_err(|e| crate::error::corrupt("change_request_secrets", e))?;
+                Ok((id, name, SealedValue::new(v)))
+            })
+            .collect()
     }
 }
 

@@ -139,6 +139,25 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    change_request_journals (change_request_id, kind) {
+        change_request_id -> Text,
+        kind -> Text,
+        job_id -> Text,
+        body -> Text,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    change_request_secrets (change_request_id, name) {
+        change_request_id -> Text,
+        name -> Text,
+        sealed_value -> Text,
+        created_at -> BigInt,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(refresh_tokens -> sessions (session_id));
 diesel::joinable!(connector_credentials -> connectors (connector_id));
@@ -152,5 +171,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     connector_credentials,
     jobs,
     assets,
-    change_requests
+    change_requests,
+    change_request_journals,
+    change_request_secrets
 );

@@ -173,6 +173,7 @@ on_both_backends!(
     assets_upsert_filters_and_paging,
     change_requests_round_trip_filters_and_paging,
     concurrent_approvals_are_serialized,
+    journals_and_secrets_round_trip,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -258,7 +259,8 @@ fn migrations_apply_once(t: &TestDb) {
             "2026-12-01-000002_audit",
             "2026-12-04-000003_connectors",
             "2026-12-04-000004_discovery",
-            "2026-12-04-000005_change_requests"
+            "2026-12-04-000005_change_requests",
+            "2026-12-04-000006_execution"
         ]
     );
     // TestDb already migrated once: a second run, and a run from another pool, apply nothing.
@@ -1721,4 +1723,68 @@ fn concurrent_approvals_are_serialized(t: &TestDb) {
     let done = tx(db, |r| r.get_change_request(&submitted.id)).unwrap();
     assert_eq!(done.approvals.len(), 2, "both approvals count");
     assert_eq!(done.state, State::Approved);
+}
+
+fn journals_and_secrets_round_trip(t: &TestDb) {
+    use nexplane_domain::execution::{Journal, JournalKind};
+    let db = &t.db;
+    let c = connector("journal", at(0));
+    tx(db, |r| r.insert_connector(&c, &SealedCredentials::new()));
+    let op = actor(Role::Operator, at(0));
+    let cr = change_request(
+        Some(&c),
+        "rotate_iam_access_key",
+        serde_json::json!({"iam_user": "prod-deploy"}),
+        &op,
+        at(1),
+    );
+    tx(db, |r| r.insert_change_request(&cr));
+    assert_eq!(
+        tx(db, |r| r.get_journal(&cr.id, JournalKind::Execution)),
+        None
+    );
+
+    // Written before and after each step: the second write replaces the first.
+    let mut j = Journal::for_execution(JobId::new(at(2), rnd()), "rotate_iam_access_key").unwrap();
+    tx(db, |r| r.put_journal(&cr.id, &j, at(2)));
+    j.precheck_passed(serde_json::Map::new(), at(3));
+    j.step_started(0, at(3));
+    tx(db, |r| r.put_journal(&cr.id, &j, at(3)));
+    assert_eq!(
+        tx(db, |r| r.get_journal(&cr.id, JournalKind::Execution)),
+        Some(j.clone())
+    );
+    let rb = Journal::for_rollback(JobId::new(at(4), rnd()), &j, None);
+    tx(db, |r| r.put_journal(&cr.id, &rb, at(4)));
+    assert_eq!(
+        tx(db, |r| r.get_journal(&cr.id, JournalKind::Rollback)),
+        Some(rb)
+    );
+    assert_eq!(
+        tx(db, |r| r.get_journal(&cr.id, JournalKind::Execution)),
+        Some(j)
+    );
+
+    // Secrets: stored sealed only (the schema refuses anything else), replaced by name,
+    // deleted all at once.
+    let sealed = SealedValue::new("v1.k1.bm9uY2U.Y2lwaGVy".into());
+    tx(db, |r| {
+        r.put_secret(&cr.id, "new_secret_access_key", &sealed, at(5))
+    });
+    tx(db, |r| {
+        r.put_secret(&cr.id, "new_secret_access_key", &sealed, at(6))
+    });
+    assert_eq!(
+        tx(db, |r| r.get_secrets(&cr.id)),
+        vec![("new_secret_access_key".to_owned(), sealed.clone())]
+    );
+    assert_eq!(tx(db, |r| r.all_secrets()).len(), 1);
+    let plain = SealedValue::new("plain text".into());
+    let refused = transaction(db, |r: &mut dyn nexplane_ports::Repo| {
+        r.put_secret(&cr.id, "other", &plain, at(7))
+    });
+    assert!(refused.is_err(), "a plain-text secret was stored");
+    assert_eq!(tx(db, |r| r.delete_secrets(&cr.id)), 1);
+    assert_eq!(tx(db, |r| r.delete_secrets(&cr.id)), 0);
+    assert!(tx(db, |r| r.get_secrets(&cr.id)).is_empty());
 }

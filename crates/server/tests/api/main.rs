@@ -9,6 +9,7 @@ mod change_requests;
 mod cli;
 mod connectors;
 mod errors;
+mod execution;
 mod harness;
 mod invariants;
 mod jobs;

@@ -3,7 +3,12 @@
 //! The emulator is `NEXPLANE_TEST_MOTO_URL` (set by `cargo xtask test`), else a `moto_server`
 //! started here from `<workspace>/.venv-moto` for the life of this test binary. Its state is
 //! one per process, so the tests take turns (a mutex) and each starts from a reset emulator.
+//!
+//! This file holds the emulator helpers, the seeding client and the connection and discovery
+//! tests; `changes` runs the change types (api.md §6.3) against the emulator.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod changes;
 
 use futures_util::stream::{self, StreamExt};
 use nexplane_aws::{AwsOptions, AwsProvider};

@@ -1,0 +1,2 @@
+DROP TABLE change_request_secrets;
+DROP TABLE change_request_journals;
