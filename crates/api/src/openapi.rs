@@ -146,6 +146,12 @@ fn finish(mut spec: Value) -> Value {
                 add("409", "state conflict (duplicate, invalid transition)");
                 add("413", "body larger than 1 MiB");
             }
+            if path.ends_with("/reveal-secrets") {
+                add(
+                    "410",
+                    "the secret outputs were already revealed and destroyed",
+                );
+            }
             add("429", "rate limited; see Retry-After");
             add("500", "internal error (the body carries a request_id)");
             add("503", "database unreachable");

@@ -34,6 +34,9 @@ const PATHS: &[(&str, &[&str])] = &[
     ("/change-requests/{id}/approve", &["post"]),
     ("/change-requests/{id}/reject", &["post"]),
     ("/change-requests/{id}/cancel", &["post"]),
+    ("/change-requests/{id}/execute", &["post"]),
+    ("/change-requests/{id}/rollback", &["post"]),
+    ("/change-requests/{id}/reveal-secrets", &["post"]),
 ];
 
 const PUBLIC: &[&str] = &[
