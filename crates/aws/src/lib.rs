@@ -1,7 +1,8 @@
 //! The `aws` connector adapter: [`AwsProvider`] implements
-//! [`nexplane_ports::cloud::CloudProvider`] with rusoto (STS, IAM, EC2, S3). This is the only
-//! crate of the workspace that knows AWS (rusoto is unmaintained, RUSTSEC-2022-0071, and stays
-//! confined here).
+//! [`nexplane_ports::cloud::CloudProvider`] (connection test, discovery) and
+//! [`nexplane_ports::cloud::ChangeProvider`] (the eleven AWS change types) with rusoto (STS,
+//! IAM, EC2, S3). This is the only crate of the workspace that knows AWS (rusoto is
+//! unmaintained, RUSTSEC-2022-0071, and stays confined here).
 //!
 //! # Connector
 //! - Credentials: `aws_access_key_id`, `aws_secret_access_key` (required) and
@@ -33,6 +34,67 @@
 //!   `vpc_id`, `owner_id`, `ingress` and `egress` (`[{protocol, from_port, to_port,
 //!   cidr_blocks, ipv6_cidr_blocks, source_security_groups, prefix_list_ids}]`), `tags`.
 //! - `s3_bucket` (bucket name): `bucket_name`, `created_at`.
+//!
+//! # Changes (api.md §6.2, §6.3)
+//! The step names are those of `nexplane_domain::execution::plan`. `precheck` only reads; it
+//! answers `ChangeError::Refused` (nothing changed) when the provider's state does not allow
+//! the change or when its rollback could damage what was there before, and
+//! `ChangeError::Provider` when a call fails for another reason (credentials, network).
+//! Its context is handed back to every step merged with the outputs of the earlier steps.
+//! Every step and undo step looks at the provider before it acts: run again after an
+//! interruption (`resumed`) it never makes its change twice, and an undo step whose step was
+//! made only in part, or not at all, succeeds with a detail saying there was nothing to undo.
+//! A missing user is refused as `IAM user <name> does not exist`.
+//!
+//! - `rotate_iam_access_key` (`iam_user`, optional `access_key_id`). Precheck: the user
+//!   exists; the key to replace is one of its keys, or, when none is named, its only key (no
+//!   key, or two keys and no `access_key_id`, is refused); fewer than two keys (a slot is free).
+//!   Context: `old_access_key_id`, `old_key_status` (`Active`/`Inactive`), `keys_before`
+//!   (`[id]`). Steps: `create_access_key` (CreateAccessKey; outputs `new_access_key_id`,
+//!   `old_access_key_id`, and `discarded_access_key_ids` when a key was deleted, see below;
+//!   secret `new_secret_access_key`), `deactivate_old_access_key` (old key `Inactive`). Resumed,
+//!   `create_access_key` first deletes every key that is neither the old key nor in
+//!   `keys_before` (created by the interrupted attempt; its secret is lost), then creates a
+//!   fresh one. A CreateAccessKey whose answer never arrives (time-out, dropped connection)
+//!   does the same clean-up before failing. Undo: `reactivate_old_access_key` (old key `Active`
+//!   again, only if `old_key_status` was `Active`), `delete_new_access_key` (deletes
+//!   `new_access_key_id`, or, when none was recorded, every key that is neither the old key
+//!   nor in `keys_before`; never a key that existed before).
+//! - `deactivate_iam_access_key` (`iam_user`, `access_key_id`). Precheck: the key is the
+//!   user's and `Active`. Context: `access_key_id`, `previous_status`. Step
+//!   `deactivate_access_key`; undo `reactivate_access_key`.
+//! - `delete_iam_access_key` (`iam_user`, `access_key_id`). Precheck: the key is the user's and
+//!   already `Inactive` (an `Active` key: "… is still Active; deactivate it first"). Context:
+//!   `access_key_id`, `previous_status`. Step `delete_access_key` (output
+//!   `deleted_access_key_id`; refused if the key became `Active` again); no undo.
+//! - `lock_iam_user` (`iam_user`). Precheck: the user has no inline policy
+//!   [`LOCK_POLICY_NAME`] yet. Context: `keys_to_deactivate` (the ids of its `Active` keys).
+//!   Steps: `attach_lock_policy` (PutUserPolicy of the deny-all [`LOCK_POLICY_DOCUMENT`]),
+//!   `deactivate_active_keys` (output `deactivated_keys`). Undo: `reactivate_deactivated_keys`
+//!   (`deactivated_keys`, else `keys_to_deactivate`), `remove_lock_policy`.
+//! - `unlock_iam_user` (`iam_user`). Precheck: the user has `NexplaneLock`. Context:
+//!   `lock_policy_document` (its document, decoded). Step `remove_lock_policy`; undo
+//!   `restore_lock_policy` (puts the recorded document back).
+//! - `attach_iam_user_policy` / `detach_iam_user_policy` (`iam_user`, `policy_arn`). Precheck:
+//!   the user exists; for attach the policy exists and is not attached, for detach it is
+//!   attached. Context: `policy_arn`. Steps `attach_user_policy` / `detach_user_policy`; undo
+//!   `detach_user_policy` / `reattach_user_policy`.
+//! - `stop_ec2_instance` / `start_ec2_instance` (`instance_id`, optional `region`, default the
+//!   connector's `region`). Precheck: the instance exists in the region ("instance i-… not
+//!   found in `<region>`") and is `running`/`pending` (stop) or `stopped` (start). Context:
+//!   `region`, `previous_state`. Steps `stop_instance` / `start_instance` (output
+//!   `instance_state`); undo `start_instance` / `stop_instance`. Each asks for the move at most
+//!   once and waits (DescribeInstances with growing pauses, up to [`AwsOptions::state_wait`])
+//!   until the instance is `stopped` / `running`.
+//! - `revoke_security_group_ingress` / `authorize_security_group_ingress` (`group_id`,
+//!   `protocol`, `from_port`, `to_port`, `cidr`, optional `region`). Precheck: the group exists
+//!   in the region, and the exact rule exists (revoke) or does not (authorize). Context:
+//!   `region`, `rule` (`{protocol, from_port, to_port, cidr}`). Steps `revoke_ingress` /
+//!   `authorize_ingress`; undo `restore_ingress` / `remove_ingress`; each one IpPermission with
+//!   one IpRange.
+//!
+//! Step details are one line for people and outputs are never secret; the only secret is
+//! `new_secret_access_key`, which appears in no message.
 //!
 //! # Errors
 //! Messages carry the provider's code and message (`InvalidClientTokenId: The security token

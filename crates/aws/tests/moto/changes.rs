@@ -525,6 +525,27 @@ async fn rotate_iam_access_key_creates_a_usable_key_and_rolls_back() {
         "{again:?}"
     );
     assert_eq!(seed.keys("np-rotate").await, vec![pair(&old, "Active")]);
+
+    // Credentials the provider refuses are a provider error, not a refusal, and the error
+    // shows neither the secret tried nor the new one.
+    let wrong = "WrongSecretValue/For+NexplaneTests0123456789";
+    let bad = target(&url, json!({}), &admin.access_key_id, wrong);
+    let err = Change::new(
+        &provider,
+        &bad,
+        "rotate_iam_access_key",
+        json!({"iam_user": "np-rotate"}),
+    )
+    .precheck()
+    .await
+    .unwrap_err();
+    let ChangeError::Provider(e) = &err else {
+        panic!("expected a provider error, got {err:?}");
+    };
+    assert!(e.message.contains("SignatureDoesNotMatch"), "{}", e.message);
+    assert_hidden(wrong, std::slice::from_ref(&e.message));
+    assert_hidden(&secret, std::slice::from_ref(&e.message));
+    assert_eq!(seed.keys("np-rotate").await, vec![pair(&old, "Active")]);
 }
 
 #[tokio::test]
@@ -865,7 +886,8 @@ async fn a_key_whose_creation_answer_was_lost_is_not_left_behind() {
     };
     eprintln!("lost answer: {}", e.message);
     assert!(
-        e.message.starts_with("CreateAccessKey for IAM user np-lost: cannot reach IAM"),
+        e.message
+            .starts_with("CreateAccessKey for IAM user np-lost: cannot reach IAM"),
         "{}",
         e.message
     );
