@@ -7,6 +7,7 @@
 //! Licensed GPL-3.0-or-later because it links `actix-governor`.
 #![deny(missing_docs)]
 
+pub mod agents;
 mod dto;
 mod error;
 mod extract;

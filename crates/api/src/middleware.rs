@@ -146,7 +146,10 @@ pub(crate) async fn rate_limit(
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
-    let has_auth = req.headers().contains_key(header::AUTHORIZATION);
+    // Bearer requests are counted per user, signed agent requests per agent (by their
+    // extractors); the rest per client IP here.
+    let has_auth = req.headers().contains_key(header::AUTHORIZATION)
+        || req.headers().contains_key("x-nexplane-agent");
     if !has_auth {
         let d = state.ip_limiter.check(&ip, state.app.now());
         req.extensions_mut().insert(d);

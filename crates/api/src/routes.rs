@@ -22,7 +22,7 @@ use paperclip::actix::{api_v2_operation, web, NoContent};
 type Data = web::Data<ApiState>;
 
 /// Runs a blocking use case and attaches the request id to its error.
-async fn run<T, F>(ctx: &Ctx, f: F) -> Result<T, ApiError>
+pub(crate) async fn run<T, F>(ctx: &Ctx, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, AppError> + Send + 'static,
@@ -374,7 +374,7 @@ pub(crate) async fn verify_audit(
 }
 
 /// Checks that a decoded cursor is an id of the listed kind (else 400).
-fn check_cursor<T>(
+pub(crate) fn check_cursor<T>(
     after: Option<&str>,
     parse: fn(&str) -> Result<T, nexplane_domain::IdError>,
 ) -> Result<(), ApiError> {
@@ -1008,4 +1008,5 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, login_limit: Option<crate:
             web::resource("/change-requests/{id}/reveal-secrets")
                 .route(web::post().to(reveal_secrets)),
         );
+    crate::agents::configure(cfg);
 }

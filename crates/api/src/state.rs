@@ -14,6 +14,8 @@ pub struct ApiConfig {
     pub ip_rate_limit_per_minute: u32,
     /// Login attempts per minute per client IP.
     pub login_rate_limit_per_minute: u32,
+    /// Requests per minute per agent (signed agent requests).
+    pub agent_rate_limit_per_minute: u32,
 }
 
 impl Default for ApiConfig {
@@ -22,6 +24,7 @@ impl Default for ApiConfig {
             rate_limit_per_minute: 100,
             ip_rate_limit_per_minute: 600,
             login_rate_limit_per_minute: 10,
+            agent_rate_limit_per_minute: 120,
         }
     }
 }
@@ -42,6 +45,10 @@ pub struct ApiState {
     pub user_limiter: RateLimiter,
     /// Per-IP limiter for unauthenticated requests.
     pub ip_limiter: RateLimiter,
+    /// Per-agent limiter for signed agent requests.
+    pub agent_limiter: RateLimiter,
+    /// Wakes agents' long polls on this process.
+    pub wakeups: Arc<crate::agents::AgentWakeups>,
     /// The HTTP configuration.
     pub config: ApiConfig,
     /// The OpenAPI document served at `/openapi.json`.
@@ -57,6 +64,8 @@ impl ApiState {
             app,
             user_limiter: RateLimiter::new(config.rate_limit_per_minute, 60),
             ip_limiter: RateLimiter::new(config.ip_rate_limit_per_minute, 60),
+            agent_limiter: RateLimiter::new(config.agent_rate_limit_per_minute, 60),
+            wakeups: Arc::default(),
             config,
             spec: Arc::new(crate::openapi::openapi_spec()),
             metrics: Metrics::default(),

@@ -80,8 +80,10 @@ pub struct ChangeRun {
     pub target: Value,
     /// The journal as last stored.
     pub journal: Journal,
-    /// What the provider needs, credentials open.
+    /// What the provider needs, credentials open (empty for agent change types).
     pub cloud: CloudTarget,
+    /// Whether the change runs on a host agent (api.md §7.3) rather than a cloud provider.
+    pub on_agent: bool,
 }
 
 impl ChangeRun {
@@ -339,6 +341,7 @@ impl App {
             change_type: cr.change_type.clone(),
             target: cr.target.clone(),
             journal,
+            on_agent: cr.connector_id.is_none(),
             cloud: CloudTarget {
                 connector_type: String::new(),
                 settings: Value::Null,

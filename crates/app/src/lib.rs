@@ -5,6 +5,7 @@
 //! password hashing): the HTTP layer calls it on a blocking thread pool.
 #![deny(missing_docs)]
 
+pub mod agents;
 pub mod assets;
 pub mod audit;
 pub mod auth;
@@ -19,10 +20,11 @@ pub mod users;
 pub use error::AppError;
 
 use nexplane_domain::audit::NewAuditEvent;
-use nexplane_domain::{EventId, Principal, Timestamp};
+use nexplane_domain::{AgentId, EventId, Principal, Timestamp};
 use nexplane_ports::cloud::{ChangeProvider, CloudProvider};
 use nexplane_ports::{
-    Clock, CredentialSealer, PasswordHasher, Random, Repo, Store, StoreError, TokenSigner,
+    AgentSigner, Clock, CredentialSealer, PasswordHasher, Random, Repo, Store, StoreError,
+    TokenSigner,
 };
 use std::sync::Arc;
 
@@ -45,6 +47,8 @@ pub struct Deps {
     pub cloud: Arc<dyn CloudProvider>,
     /// The adapters that make changes (prechecks, steps and undo steps).
     pub changes: Arc<dyn ChangeProvider>,
+    /// Agent request signatures (HMAC-SHA256).
+    pub agent_signer: Arc<dyn AgentSigner>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -97,6 +101,18 @@ pub struct App {
     pub(crate) tokens: Arc<auth::TokenCache>,
     pub(crate) unknown_logins: Arc<auth::UnknownLogins>,
     pub(crate) job_listener: Arc<JobListener>,
+    pub(crate) command_listener: Arc<CommandListener>,
+}
+
+/// Called after a command for an agent has been committed, so that agent's long poll (if it
+/// waits on this process) answers at once.
+#[derive(Default)]
+pub(crate) struct CommandListener(std::sync::OnceLock<Box<dyn Fn(&AgentId) + Send + Sync>>);
+
+impl std::fmt::Debug for CommandListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommandListener")
+    }
 }
 
 /// Called after a new job has been committed, so a worker can start it at once instead of at
@@ -123,6 +139,7 @@ impl App {
             tokens: Arc::new(auth::TokenCache::new(10_000)),
             unknown_logins: Arc::new(auth::UnknownLogins::new(100_000)),
             job_listener: Arc::new(JobListener::default()),
+            command_listener: Arc::new(CommandListener::default()),
         }
     }
 
@@ -130,6 +147,18 @@ impl App {
     /// clone of this `App` shares it). Workers still poll, so a missed call only delays.
     pub fn on_job_queued(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.job_listener.0.set(f);
+    }
+
+    /// Registers the function told about every newly queued agent command (the first call
+    /// wins).
+    pub fn on_command_queued(&self, f: Box<dyn Fn(&AgentId) + Send + Sync>) {
+        let _ = self.command_listener.0.set(f);
+    }
+
+    pub(crate) fn command_queued(&self, agent: &AgentId) {
+        if let Some(f) = self.command_listener.0.get() {
+            f(agent);
+        }
     }
 
     pub(crate) fn job_queued(&self) {

@@ -180,3 +180,33 @@ mod tests {
         ));
     }
 }
+
+/// The [`nexplane_ports::AgentSigner`] of the server: [`agent_signature`] and
+/// [`verify_agent_signature`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HmacAgentSigner;
+
+impl nexplane_ports::AgentSigner for HmacAgentSigner {
+    fn sign(
+        &self,
+        secret: &[u8],
+        method: &str,
+        path_with_query: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> String {
+        agent_signature(secret, method, path_with_query, timestamp, body)
+    }
+
+    fn verify(
+        &self,
+        secret: &[u8],
+        method: &str,
+        path_with_query: &str,
+        timestamp: i64,
+        body: &[u8],
+        signature: &str,
+    ) -> bool {
+        verify_agent_signature(secret, method, path_with_query, timestamp, body, signature)
+    }
+}

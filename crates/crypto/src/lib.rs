@@ -23,7 +23,7 @@ mod util;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod testutil;
 
-pub use agent::{agent_signature, verify_agent_signature};
+pub use agent::{agent_signature, verify_agent_signature, HmacAgentSigner};
 pub use jwt::{RsaTokenSigner, PREVIOUS_KEY_PREFIX, ROTATION_GRACE_SECS, SIGNING_KEY_FILE};
 pub use password::{Argon2Hasher, ARGON2_ITERATIONS, ARGON2_MEMORY_KIB, ARGON2_PARALLELISM};
 pub use random::OsRandom;

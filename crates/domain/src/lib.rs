@@ -85,6 +85,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod asset;
 pub mod audit;
 pub mod auth;

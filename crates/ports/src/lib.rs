@@ -9,12 +9,14 @@
 
 pub mod cloud;
 
+use nexplane_domain::agent::{Agent, AgentCommand, CommandStatus, EnrollmentToken};
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent};
 use nexplane_domain::execution::{Journal, JournalKind};
 use nexplane_domain::{
-    AccessClaims, Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId,
-    Environment, Job, JobId, JobKind, PasswordHash, RefreshTokenRecord, SealedValue, SecretString,
-    Session, SessionId, State, Timestamp, User, UserId,
+    AccessClaims, AgentId, Asset, AssetId, ChangeRequest, ChangeRequestId, CommandId, Connector,
+    ConnectorId, EnrollmentTokenId, Environment, Job, JobId, JobKind, PasswordHash,
+    RefreshTokenRecord, SealedValue, SecretString, Session, SessionId, State, Timestamp, User,
+    UserId,
 };
 use std::collections::BTreeMap;
 
@@ -292,6 +294,78 @@ pub trait Repo {
     fn delete_secrets(&mut self, id: &ChangeRequestId) -> Result<u64, StoreError>;
     /// Every sealed secret output (for re-sealing under a new master key).
     fn all_secrets(&mut self) -> Result<Vec<(ChangeRequestId, String, SealedValue)>, StoreError>;
+
+    /// Inserts an enrollment token.
+    fn insert_enrollment_token(&mut self, token: &EnrollmentToken) -> Result<(), StoreError>;
+    /// Enrollment tokens, newest first, keyset by id.
+    fn list_enrollment_tokens(&mut self, page: &Page) -> Result<Vec<EnrollmentToken>, StoreError>;
+    /// An enrollment token by id.
+    fn get_enrollment_token(
+        &mut self,
+        id: &EnrollmentTokenId,
+    ) -> Result<Option<EnrollmentToken>, StoreError>;
+    /// Sets `revoked_at` (if not set yet); `false` when there is no such token.
+    fn revoke_enrollment_token(
+        &mut self,
+        id: &EnrollmentTokenId,
+        at: Timestamp,
+    ) -> Result<bool, StoreError>;
+    /// Consumes one use of the token with this hash if it is usable at `now` (not revoked,
+    /// not expired, uses below max_uses), atomically (one conditional UPDATE, so racing
+    /// registrations never exceed max_uses). Returns the token after the update, or `None`.
+    fn consume_enrollment_token(
+        &mut self,
+        token_hash: &str,
+        now: Timestamp,
+    ) -> Result<Option<EnrollmentToken>, StoreError>;
+    /// Inserts an agent.
+    fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError>;
+    /// An agent by id.
+    fn get_agent(&mut self, id: &AgentId) -> Result<Option<Agent>, StoreError>;
+    /// Agents, newest first, keyset by id.
+    fn list_agents(&mut self, page: &Page) -> Result<Vec<Agent>, StoreError>;
+    /// Overwrites an agent's mutable fields (name, hostname, os, arch, version, labels,
+    /// sealed secret, last heartbeat, revoked_at).
+    fn update_agent(&mut self, agent: &Agent) -> Result<(), StoreError>;
+    /// Remembers the signature of an accepted agent request until `expires_at`; `false` when
+    /// it was seen already (a replay).
+    fn remember_signature(
+        &mut self,
+        agent_id: &AgentId,
+        signature: &str,
+        expires_at: Timestamp,
+    ) -> Result<bool, StoreError>;
+    /// Forgets the signatures that expired before `now`; returns how many.
+    fn forget_signatures(&mut self, now: Timestamp) -> Result<u64, StoreError>;
+    /// Inserts a command. A second command for the same (job, step) is a
+    /// `StoreError::Conflict`.
+    fn insert_command(&mut self, command: &AgentCommand) -> Result<(), StoreError>;
+    /// A command by id.
+    fn get_command(&mut self, id: &CommandId) -> Result<Option<AgentCommand>, StoreError>;
+    /// A command by id, locked until the end of the transaction.
+    fn lock_command(&mut self, id: &CommandId) -> Result<Option<AgentCommand>, StoreError>;
+    /// The command a job sent for a step, if any.
+    fn find_job_command(
+        &mut self,
+        job_id: &JobId,
+        step: &str,
+    ) -> Result<Option<AgentCommand>, StoreError>;
+    /// The oldest `queued` command of an agent, locked (`FOR UPDATE SKIP LOCKED` on
+    /// PostgreSQL), so two polls never take the same command.
+    fn next_queued_command(
+        &mut self,
+        agent_id: &AgentId,
+    ) -> Result<Option<AgentCommand>, StoreError>;
+    /// Overwrites a command's status, output, snapshot, error and times.
+    fn update_command(&mut self, command: &AgentCommand) -> Result<(), StoreError>;
+    /// An agent's commands in one of `statuses`, oldest first.
+    fn agent_commands(
+        &mut self,
+        agent_id: &AgentId,
+        statuses: &[CommandStatus],
+    ) -> Result<Vec<AgentCommand>, StoreError>;
+    /// The agents that have at least one `queued` command (one query for all agents).
+    fn agents_with_queued_commands(&mut self) -> Result<Vec<AgentId>, StoreError>;
 }
 
 /// A database: runs closures inside transactions.
@@ -394,6 +468,30 @@ pub trait CredentialSealer: Send + Sync {
     /// Decrypts a value made by [`CredentialSealer::seal`] with the same `aad`, under
     /// whichever known key it names.
     fn open(&self, sealed: &SealedValue, aad: &str) -> Result<SecretString, CryptoError>;
+}
+
+/// Computes and checks agent request signatures (api.md §7.2: HMAC-SHA256 over the method,
+/// the path with its query, the timestamp and the body's SHA-256).
+pub trait AgentSigner: Send + Sync {
+    /// The lowercase hex signature of a request.
+    fn sign(
+        &self,
+        secret: &[u8],
+        method: &str,
+        path_with_query: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> String;
+    /// Whether `signature` is the signature of this request (constant-time comparison).
+    fn verify(
+        &self,
+        secret: &[u8],
+        method: &str,
+        path_with_query: &str,
+        timestamp: i64,
+        body: &[u8],
+        signature: &str,
+    ) -> bool;
 }
 
 /// Password hashing (argon2id). Blocking and slow by design: call on a blocking pool.

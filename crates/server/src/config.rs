@@ -78,6 +78,11 @@ pub struct Config {
     /// `NEXPLANE_REQUIRED_APPROVALS_LOW`, `_MEDIUM`, `_HIGH`, `_CRITICAL` (defaults 1, 1,
     /// 2, 2): approvals a change request of that risk level needs.
     pub required_approvals: RequiredApprovals,
+    /// `NEXPLANE_AGENT_COMMAND_TIMEOUT_SECONDS` (default 300): how long an execution waits
+    /// for an agent's result before failing the step.
+    pub agent_command_timeout_secs: u64,
+    /// `NEXPLANE_AGENT_RATE_LIMIT_PER_MINUTE` (default 120): signed requests per agent.
+    pub agent_rate_limit_per_minute: u32,
     /// `NEXPLANE_TEST_PAUSE_AT` (tests only): the job worker stops for good at this point of
     /// an execution or rollback (`<execution|rollback>:<step>:<started|called|journaled>`),
     /// after writing the point's name to `<data dir>/paused-at`, so a test can kill the
@@ -111,6 +116,8 @@ const KEYS: &[&str] = &[
     "required_approvals_high",
     "required_approvals_critical",
     "test_pause_at",
+    "agent_command_timeout_seconds",
+    "agent_rate_limit_per_minute",
 ];
 
 /// Where values come from: the environment first, then the file.
@@ -277,6 +284,8 @@ impl Config {
         Ok(Config {
             required_approvals,
             test_pause_at: src.get("test_pause_at").map(|(_, v)| v),
+            agent_command_timeout_secs: positive(src, "agent_command_timeout_seconds", 300)?,
+            agent_rate_limit_per_minute: positive(src, "agent_rate_limit_per_minute", 120)?,
             job_workers: positive(src, "job_workers", 2)?,
             job_lease_secs,
             bind,

@@ -204,6 +204,7 @@ pub fn build_app_with(
             sealer,
             cloud: providers.cloud,
             changes: providers.changes,
+            agent_signer: Arc::new(nexplane_crypto::HmacAgentSigner),
         },
         Settings {
             session_ttl_secs: cfg.session_ttl_secs,
@@ -265,8 +266,10 @@ pub struct Running {
     pub handle: actix_web::dev::ServerHandle,
     /// Completes when the server has stopped.
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
-    /// The job worker (discoveries).
+    /// The job worker (discoveries, executions, rollbacks).
     pub worker: worker::WorkerHandle,
+    /// Wakes agents' long polls for commands queued elsewhere; forgets old signatures.
+    pub watcher: tokio::task::JoinHandle<()>,
 }
 
 /// Builds everything and starts serving on `cfg.bind`. Must run inside a tokio runtime.
@@ -298,13 +301,19 @@ pub async fn start_with(
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
     let state = ApiState::new(
-        app,
+        app.clone(),
         ApiConfig {
             rate_limit_per_minute: cfg.rate_limit_per_minute,
             ip_rate_limit_per_minute: cfg.ip_rate_limit_per_minute,
             login_rate_limit_per_minute: cfg.login_rate_limit_per_minute,
+            agent_rate_limit_per_minute: cfg.agent_rate_limit_per_minute,
         },
     );
+    // A command queued by this process wakes its agent's long poll at once; the watcher
+    // wakes polls for commands queued by other replicas (one query per second in all).
+    let wakeups = state.wakeups.clone();
+    app.on_command_queued(Box::new(move |agent| wakeups.wake(agent)));
+    let watcher = worker::spawn_agent_watcher(app, state.wakeups.clone());
     let server = nexplane_api::serve(state, listener, cfg.workers)
         .map_err(|e| StartError::Other(e.to_string()))?;
     let handle = server.handle();
@@ -315,6 +324,7 @@ pub async fn start_with(
         handle,
         task,
         worker,
+        watcher,
     })
 }
 

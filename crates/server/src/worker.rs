@@ -7,12 +7,14 @@
 //! async runtime with no transaction open, while a ticker renews the lease and stores the
 //! latest progress.
 
+use nexplane_app::agents::AgentDispatch;
 use nexplane_app::discovery::{DiscoveryRun, DiscoveryStart};
 use nexplane_app::execution::{ChangeRun, ChangeStart};
 use nexplane_app::{App, AppError};
 use nexplane_domain::execution::Next;
 use nexplane_domain::job::Progress;
 use nexplane_domain::{Job, JobId, JobKind};
+use nexplane_ports::cloud::{ChangeError, CloudError, StepOutcome};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +33,8 @@ pub struct WorkerOptions {
     pub progress_every: Duration,
     /// How long to wait before looking again when the queue is empty.
     pub idle_poll: Duration,
+    /// How long an agent step waits for the agent's result.
+    pub agent_command_timeout: Duration,
     /// Tests only (`NEXPLANE_TEST_PAUSE_AT`): the point of an execution or rollback where
     /// the worker stops for good, and the file it writes the point's name to first.
     pub test_pause: Option<(String, PathBuf)>,
@@ -50,7 +54,14 @@ impl WorkerOptions {
             progress_every: Duration::from_millis(500),
             idle_poll: Duration::from_millis(250),
             test_pause: None,
+            agent_command_timeout: Duration::from_secs(300),
         }
+    }
+
+    /// Sets how long an agent step waits for the agent's result.
+    pub fn with_agent_command_timeout(mut self, timeout: Duration) -> Self {
+        self.agent_command_timeout = timeout;
+        self
     }
 
     /// Sets the test pause point (see [`WorkerOptions::test_pause`]).
@@ -201,6 +212,43 @@ async fn pause_point(options: &WorkerOptions, point: &str) {
     std::future::pending::<()>().await;
 }
 
+/// Runs one step of an agent change type: queues the command (or finds the one queued before
+/// a crash) and waits for the agent's result, at most `agent_command_timeout`; a command
+/// nobody answered is cancelled (a late result is refused) and the step fails.
+async fn agent_step(
+    app: &App,
+    run: &ChangeRun,
+    index: usize,
+    options: &WorkerOptions,
+) -> Result<Result<StepOutcome, ChangeError>, AppError> {
+    let (a, r) = (app.clone(), run.clone());
+    let command = match blocking(move || a.dispatch_agent_step(&r, index)).await? {
+        Ok(AgentDispatch::Command(c)) => c,
+        Ok(AgentDispatch::Nothing(outcome)) => return Ok(Ok(outcome)),
+        Err(e) => return Ok(Err(e)),
+    };
+    let deadline = Instant::now() + options.agent_command_timeout;
+    loop {
+        let (a, r, c) = (app.clone(), run.clone(), command.clone());
+        if let Some(result) = blocking(move || a.agent_step_result(&r, &c)).await? {
+            return Ok(result);
+        }
+        if Instant::now() >= deadline {
+            let secs = options.agent_command_timeout.as_secs();
+            let reason = format!("the agent did not answer within {secs} s");
+            let (a, c, why) = (app.clone(), command.clone(), reason.clone());
+            blocking(move || a.cancel_agent_command(&c, &why)).await?;
+            // A result may have landed just before the cancel: it wins.
+            let (a, r, c) = (app.clone(), run.clone(), command.clone());
+            if let Some(result) = blocking(move || a.agent_step_result(&r, &c)).await? {
+                return Ok(result);
+            }
+            return Ok(Err(ChangeError::Provider(CloudError { message: reason })));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Drives an execution or rollback from its journal: the precheck, then each step journaled
 /// before and after its provider call, then the end. Any database failure stops the run;
 /// the job is resumed from its journal once its lease runs out.
@@ -222,7 +270,18 @@ async fn run_change(app: App, worker: String, job: Job, options: WorkerOptions) 
         let next = run.next();
         let stored = match next {
             Next::Precheck => {
-                let result = app.change_precheck(&run).await;
+                let result = if run.on_agent {
+                    let (a, r) = (app.clone(), run.clone());
+                    match blocking(move || a.agent_precheck(&r)).await {
+                        Ok(result) => result,
+                        Err(e) => {
+                            tracing::warn!(job = %job_id, error = %e, "cannot run the precheck; resumed after the lease");
+                            return;
+                        }
+                    }
+                } else {
+                    app.change_precheck(&run).await
+                };
                 let (a, w) = (app.clone(), worker.clone());
                 blocking(move || a.record_precheck(&w, run, result)).await
             }
@@ -241,8 +300,18 @@ async fn run_change(app: App, worker: String, job: Job, options: WorkerOptions) 
                 if resumed {
                     tracing::info!(job = %job_id, step, "reconciling a step interrupted before");
                 }
-                let context = run.journal.step_context();
-                let result = app.call_step(&run, index, resumed, &context).await;
+                let result = if run.on_agent {
+                    match agent_step(&app, &run, index, &options).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::warn!(job = %job_id, error = %e, "cannot run the agent step; resumed after the lease");
+                            return;
+                        }
+                    }
+                } else {
+                    let context = run.journal.step_context();
+                    app.call_step(&run, index, resumed, &context).await
+                };
                 pause_point(&options, &format!("{kind}:{step}:called")).await;
                 let (a, w) = (app.clone(), worker.clone());
                 let stored = blocking(move || a.finish_step(&w, run, index, result)).await;
@@ -338,4 +407,33 @@ async fn run_discovery(app: App, worker: String, job: Job, options: WorkerOption
         Err(e) => tracing::warn!(job = %job_id, error = %e,
             "cannot store the discovery; the job is retried when its lease runs out"),
     }
+}
+
+/// Every second: wakes the long polls (on this process) of agents that have queued commands,
+/// whichever replica queued them — one query for all agents. Every minute: forgets the
+/// signatures of agent requests older than the skew window.
+pub fn spawn_agent_watcher(
+    app: App,
+    wakeups: Arc<nexplane_api::agents::AgentWakeups>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
+        loop {
+            ticker.tick().await;
+            n += 1;
+            let a = app.clone();
+            match blocking(move || a.agents_with_queued_commands()).await {
+                Ok(agents) => agents.iter().for_each(|id| wakeups.wake(id)),
+                Err(e) => tracing::debug!(error = %e, "cannot list agents with queued commands"),
+            }
+            if n % 60 == 0 {
+                let a = app.clone();
+                if let Err(e) = blocking(move || a.forget_agent_signatures()).await {
+                    tracing::debug!(error = %e, "cannot forget old agent signatures");
+                }
+            }
+        }
+    })
 }

@@ -22,6 +22,21 @@ const PG_UNIQUE_CONSTRAINTS: &[(&str, &str)] = &[
         "assets_connector_type_external_id_key",
         "assets.connector_id, assets.type, assets.external_id",
     ),
+    ("enrollment_tokens_pkey", "enrollment_tokens.id"),
+    (
+        "enrollment_tokens_token_hash_key",
+        "enrollment_tokens.token_hash",
+    ),
+    ("agents_pkey", "agents.id"),
+    ("agent_commands_pkey", "agent_commands.id"),
+    (
+        "agent_commands_job_step_idx",
+        "agent_commands.job_id, agent_commands.step",
+    ),
+    (
+        "agent_request_signatures_pkey",
+        "agent_request_signatures.signature",
+    ),
 ];
 
 /// The `table.column` (or constraint name) a unique violation is about.

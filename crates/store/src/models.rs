@@ -2,17 +2,19 @@
 
 use crate::error::corrupt;
 use crate::schema::{
-    assets, audit_events, change_requests, connector_credentials, connectors, jobs, refresh_tokens,
-    sessions, users,
+    agent_commands, agents, assets, audit_events, change_requests, connector_credentials,
+    connectors, enrollment_tokens, jobs, refresh_tokens, sessions, users,
 };
 use diesel::prelude::*;
+use nexplane_domain::agent::{Agent, AgentCommand, CommandStatus, EnrollmentToken};
 use nexplane_domain::audit::AuditEvent;
 use nexplane_domain::change_request::{Approval, Rejection, Risk, State};
 use nexplane_domain::job::Progress;
 use nexplane_domain::{
-    Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId, ConnectorStatus,
-    Environment, EventId, Job, JobId, JobKind, JobStatus, LockState, PasswordHash,
-    RefreshTokenRecord, Role, Session, SessionId, Timestamp, User, UserId,
+    AgentId, Asset, AssetId, ChangeRequest, ChangeRequestId, CommandId, Connector, ConnectorId,
+    ConnectorStatus, EnrollmentTokenId, Environment, EventId, Job, JobId, JobKind, JobStatus,
+    LockState, PasswordHash, RefreshTokenRecord, Role, SealedValue, Session, SessionId, Timestamp,
+    User, UserId,
 };
 use nexplane_ports::StoreError;
 
@@ -504,6 +506,211 @@ impl TryFrom<ChangeRequestRow> for ChangeRequest {
             submitted_at: r.submitted_at.map(ts),
             decided_at: r.decided_at.map(ts),
             executed_at: r.executed_at.map(ts),
+            finished_at: r.finished_at.map(ts),
+        })
+    }
+}
+
+/// A count stored as `INTEGER`: out-of-range values are refused, not truncated.
+fn count_to_db(what: &str, n: u32) -> Result<i32, StoreError> {
+    i32::try_from(n).map_err(|_| StoreError::Other(format!("{what} {n} is out of range")))
+}
+
+/// A count read back: a negative value is a corrupt row.
+fn count_from_db(table: &str, column: &str, n: i32) -> Result<u32, StoreError> {
+    u32::try_from(n).map_err(|_| corrupt(table, format!("negative {column} {n}")))
+}
+
+/// An `enrollment_tokens` row (the token itself is never stored, only its SHA-256).
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = enrollment_tokens)]
+pub(crate) struct EnrollmentTokenRow {
+    pub id: String,
+    pub name: Option<String>,
+    pub token_hash: String,
+    pub expires_at: i64,
+    pub max_uses: i32,
+    pub uses: i32,
+    pub created_by: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+impl TryFrom<&EnrollmentToken> for EnrollmentTokenRow {
+    type Error = StoreError;
+    fn try_from(t: &EnrollmentToken) -> Result<Self, StoreError> {
+        Ok(EnrollmentTokenRow {
+            id: t.id.as_str().to_owned(),
+            name: t.name.clone(),
+            token_hash: t.token_hash.clone(),
+            expires_at: t.expires_at.millis(),
+            max_uses: count_to_db("enrollment token max_uses", t.max_uses)?,
+            uses: count_to_db("enrollment token uses", t.uses)?,
+            created_by: t.created_by.as_str().to_owned(),
+            created_at: t.created_at.millis(),
+            revoked_at: t.revoked_at.map(Timestamp::millis),
+        })
+    }
+}
+
+impl TryFrom<EnrollmentTokenRow> for EnrollmentToken {
+    type Error = StoreError;
+    fn try_from(r: EnrollmentTokenRow) -> Result<Self, StoreError> {
+        const T: &str = "enrollment_tokens";
+        Ok(EnrollmentToken {
+            id: EnrollmentTokenId::parse(&r.id).map_err(|e| corrupt(T, e))?,
+            created_by: UserId::parse(&r.created_by).map_err(|e| corrupt(T, e))?,
+            max_uses: count_from_db(T, "max_uses", r.max_uses)?,
+            uses: count_from_db(T, "uses", r.uses)?,
+            name: r.name,
+            token_hash: r.token_hash,
+            expires_at: ts(r.expires_at),
+            created_at: ts(r.created_at),
+            revoked_at: r.revoked_at.map(ts),
+        })
+    }
+}
+
+/// An `agents` row. Labels are JSON text; the secret is sealed.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = agents)]
+pub(crate) struct AgentRow {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub version: String,
+    pub labels: String,
+    pub sealed_secret: String,
+    pub enrollment_token_id: String,
+    pub registered_at: i64,
+    pub last_heartbeat_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+impl TryFrom<&Agent> for AgentRow {
+    type Error = StoreError;
+    fn try_from(a: &Agent) -> Result<Self, StoreError> {
+        Ok(AgentRow {
+            id: a.id.as_str().to_owned(),
+            name: a.name.clone(),
+            hostname: a.hostname.clone(),
+            os: a.os.clone(),
+            arch: a.arch.clone(),
+            version: a.version.clone(),
+            labels: to_json_text("agent labels", &a.labels)?,
+            sealed_secret: a.sealed_secret.as_str().to_owned(),
+            enrollment_token_id: a.enrollment_token_id.as_str().to_owned(),
+            registered_at: a.registered_at.millis(),
+            last_heartbeat_at: a.last_heartbeat_at.map(Timestamp::millis),
+            revoked_at: a.revoked_at.map(Timestamp::millis),
+        })
+    }
+}
+
+impl TryFrom<AgentRow> for Agent {
+    type Error = StoreError;
+    fn try_from(r: AgentRow) -> Result<Self, StoreError> {
+        const T: &str = "agents";
+        Ok(Agent {
+            id: AgentId::parse(&r.id).map_err(|e| corrupt(T, e))?,
+            enrollment_token_id: EnrollmentTokenId::parse(&r.enrollment_token_id)
+                .map_err(|e| corrupt(T, e))?,
+            labels: serde_json::from_str(&r.labels).map_err(|e| corrupt(T, e))?,
+            sealed_secret: SealedValue::new(r.sealed_secret),
+            name: r.name,
+            hostname: r.hostname,
+            os: r.os,
+            arch: r.arch,
+            version: r.version,
+            registered_at: ts(r.registered_at),
+            last_heartbeat_at: r.last_heartbeat_at.map(ts),
+            revoked_at: r.revoked_at.map(ts),
+        })
+    }
+}
+
+/// An `agent_commands` row. Params and output are JSON text; the snapshot is sealed.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = agent_commands)]
+pub(crate) struct CommandRow {
+    pub id: String,
+    pub agent_id: String,
+    pub change_request_id: Option<String>,
+    pub job_id: Option<String>,
+    pub step: String,
+    pub command_type: String,
+    pub params: String,
+    pub status: String,
+    pub output: Option<String>,
+    pub sealed_snapshot: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub dispatched_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl TryFrom<&AgentCommand> for CommandRow {
+    type Error = StoreError;
+    fn try_from(c: &AgentCommand) -> Result<Self, StoreError> {
+        Ok(CommandRow {
+            id: c.id.as_str().to_owned(),
+            agent_id: c.agent_id.as_str().to_owned(),
+            change_request_id: c.change_request_id.as_ref().map(|i| i.as_str().to_owned()),
+            job_id: c.job_id.as_ref().map(|i| i.as_str().to_owned()),
+            step: c.step.clone(),
+            command_type: c.command_type.clone(),
+            params: to_json_text("command params", &c.params)?,
+            status: c.status.as_str().to_owned(),
+            output: c
+                .output
+                .as_ref()
+                .map(|o| to_json_text("command output", o))
+                .transpose()?,
+            sealed_snapshot: c.sealed_snapshot.as_ref().map(|s| s.as_str().to_owned()),
+            error: c.error.clone(),
+            created_at: c.created_at.millis(),
+            dispatched_at: c.dispatched_at.map(Timestamp::millis),
+            finished_at: c.finished_at.map(Timestamp::millis),
+        })
+    }
+}
+
+impl TryFrom<CommandRow> for AgentCommand {
+    type Error = StoreError;
+    fn try_from(r: CommandRow) -> Result<Self, StoreError> {
+        const T: &str = "agent_commands";
+        Ok(AgentCommand {
+            id: CommandId::parse(&r.id).map_err(|e| corrupt(T, e))?,
+            agent_id: AgentId::parse(&r.agent_id).map_err(|e| corrupt(T, e))?,
+            change_request_id: r
+                .change_request_id
+                .as_deref()
+                .map(ChangeRequestId::parse)
+                .transpose()
+                .map_err(|e| corrupt(T, e))?,
+            job_id: r
+                .job_id
+                .as_deref()
+                .map(JobId::parse)
+                .transpose()
+                .map_err(|e| corrupt(T, e))?,
+            status: CommandStatus::parse(&r.status)
+                .ok_or_else(|| corrupt(T, format!("unknown status {:?}", r.status)))?,
+            params: serde_json::from_str(&r.params).map_err(|e| corrupt(T, e))?,
+            output: r
+                .output
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt(T, e))?,
+            sealed_snapshot: r.sealed_snapshot.map(SealedValue::new),
+            step: r.step,
+            command_type: r.command_type,
+            error: r.error,
+            created_at: ts(r.created_at),
+            dispatched_at: r.dispatched_at.map(ts),
             finished_at: r.finished_at.map(ts),
         })
     }

@@ -3,20 +3,22 @@
 use crate::conn::DbConn;
 use crate::error::db_err;
 use crate::models::{
-    AssetRow, AuditRow, ChangeRequestRow, ConnectorRow, CredentialRow, JobRow, RefreshTokenRow,
-    SessionRow, UserRow,
+    AgentRow, AssetRow, AuditRow, ChangeRequestRow, CommandRow, ConnectorRow, CredentialRow,
+    EnrollmentTokenRow, JobRow, RefreshTokenRow, SessionRow, UserRow,
 };
 use crate::schema::{
-    assets, audit_events, change_request_journals, change_request_secrets, change_requests,
-    connector_credentials, connectors, jobs, refresh_tokens, sessions, users,
+    agent_commands, agent_request_signatures, agents, assets, audit_events,
+    change_request_journals, change_request_secrets, change_requests, connector_credentials,
+    connectors, enrollment_tokens, jobs, refresh_tokens, sessions, users,
 };
 use diesel::prelude::*;
+use nexplane_domain::agent::{Agent, AgentCommand, CommandStatus, EnrollmentToken};
 use nexplane_domain::audit::{AuditEvent, NewAuditEvent, GENESIS_HASH};
 use nexplane_domain::execution::{Journal, JournalKind};
 use nexplane_domain::{
-    Asset, AssetId, ChangeRequest, ChangeRequestId, Connector, ConnectorId, Environment, Job,
-    JobId, JobKind, RefreshTokenRecord, SealedValue, Session, SessionId, State, Timestamp, User,
-    UserId,
+    AgentId, Asset, AssetId, ChangeRequest, ChangeRequestId, CommandId, Connector, ConnectorId,
+    EnrollmentTokenId, Environment, Job, JobId, JobKind, RefreshTokenRecord, SealedValue, Session,
+    SessionId, State, Timestamp, User, UserId,
 };
 use nexplane_ports::{
     AssetFilter, AuditFilter, ChangeRequestFilter, Page, Repo, SealedCredentials, StoreError,
@@ -1018,6 +1020,301 @@ impl Repo for SqlRepo<'_> {
                     .map_err(|e| crate::error::corrupt("change_request_secrets", e))?;
                 Ok((id, name, SealedValue::new(v)))
             })
+            .collect()
+    }
+
+    fn insert_enrollment_token(&mut self, token: &EnrollmentToken) -> Result<(), StoreError> {
+        let row = EnrollmentTokenRow::try_from(token)?;
+        let r = diesel::insert_into(enrollment_tokens::table)
+            .values(&row)
+            .execute(self.conn);
+        self.track(r).map(drop)
+    }
+
+    fn list_enrollment_tokens(&mut self, page: &Page) -> Result<Vec<EnrollmentToken>, StoreError> {
+        let mut q = enrollment_tokens::table
+            .select(EnrollmentTokenRow::as_select())
+            .into_boxed();
+        if let Some(after) = &page.after {
+            q = q.filter(enrollment_tokens::id.lt(after.clone()));
+        }
+        let r = q
+            .order(enrollment_tokens::id.desc())
+            .limit(limit(page.limit))
+            .load(self.conn);
+        self.track(r)?
+            .into_iter()
+            .map(EnrollmentToken::try_from)
+            .collect()
+    }
+
+    fn get_enrollment_token(
+        &mut self,
+        id: &EnrollmentTokenId,
+    ) -> Result<Option<EnrollmentToken>, StoreError> {
+        let r = enrollment_tokens::table
+            .find(id.as_str())
+            .select(EnrollmentTokenRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(EnrollmentToken::try_from).transpose()
+    }
+
+    fn revoke_enrollment_token(
+        &mut self,
+        id: &EnrollmentTokenId,
+        at: Timestamp,
+    ) -> Result<bool, StoreError> {
+        // Only an unrevoked token changes: the first revocation time is kept.
+        let r = diesel::update(
+            enrollment_tokens::table
+                .find(id.as_str())
+                .filter(enrollment_tokens::revoked_at.is_null()),
+        )
+        .set(enrollment_tokens::revoked_at.eq(Some(at.millis())))
+        .execute(self.conn);
+        if self.track(r)? == 1 {
+            return Ok(true);
+        }
+        // Already revoked, or no such token.
+        let r = enrollment_tokens::table
+            .find(id.as_str())
+            .count()
+            .get_result::<i64>(self.conn);
+        Ok(self.track(r)? > 0)
+    }
+
+    fn consume_enrollment_token(
+        &mut self,
+        token_hash: &str,
+        now: Timestamp,
+    ) -> Result<Option<EnrollmentToken>, StoreError> {
+        // One conditional UPDATE decides: of racing registrations, at most `max_uses - uses`
+        // change the row (on PostgreSQL a waiting UPDATE re-checks the condition on the row
+        // the previous one committed; SQLite transactions hold the write lock). The schema
+        // also bounds `uses <= max_uses`.
+        let r = diesel::update(
+            enrollment_tokens::table
+                .filter(enrollment_tokens::token_hash.eq(token_hash))
+                .filter(enrollment_tokens::revoked_at.is_null())
+                .filter(enrollment_tokens::expires_at.gt(now.millis()))
+                .filter(enrollment_tokens::uses.lt(enrollment_tokens::max_uses)),
+        )
+        .set(enrollment_tokens::uses.eq(enrollment_tokens::uses + 1))
+        .execute(self.conn);
+        if self.track(r)? != 1 {
+            return Ok(None);
+        }
+        let r = enrollment_tokens::table
+            .filter(enrollment_tokens::token_hash.eq(token_hash))
+            .select(EnrollmentTokenRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(EnrollmentToken::try_from).transpose()
+    }
+
+    fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError> {
+        let row = AgentRow::try_from(agent)?;
+        let r = diesel::insert_into(agents::table)
+            .values(&row)
+            .execute(self.conn);
+        self.track(r).map(drop)
+    }
+
+    fn get_agent(&mut self, id: &AgentId) -> Result<Option<Agent>, StoreError> {
+        let r = agents::table
+            .find(id.as_str())
+            .select(AgentRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(Agent::try_from).transpose()
+    }
+
+    fn list_agents(&mut self, page: &Page) -> Result<Vec<Agent>, StoreError> {
+        let mut q = agents::table.select(AgentRow::as_select()).into_boxed();
+        if let Some(after) = &page.after {
+            q = q.filter(agents::id.lt(after.clone()));
+        }
+        let r = q
+            .order(agents::id.desc())
+            .limit(limit(page.limit))
+            .load(self.conn);
+        self.track(r)?.into_iter().map(Agent::try_from).collect()
+    }
+
+    fn update_agent(&mut self, agent: &Agent) -> Result<(), StoreError> {
+        let row = AgentRow::try_from(agent)?;
+        let r = diesel::update(agents::table.find(&row.id))
+            .set((
+                agents::name.eq(&row.name),
+                agents::hostname.eq(&row.hostname),
+                agents::os.eq(&row.os),
+                agents::arch.eq(&row.arch),
+                agents::version.eq(&row.version),
+                agents::labels.eq(&row.labels),
+                agents::sealed_secret.eq(&row.sealed_secret),
+                agents::last_heartbeat_at.eq(row.last_heartbeat_at),
+                agents::revoked_at.eq(row.revoked_at),
+            ))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no agent {}", row.id)));
+        }
+        Ok(())
+    }
+
+    fn remember_signature(
+        &mut self,
+        agent_id: &AgentId,
+        signature: &str,
+        expires_at: Timestamp,
+    ) -> Result<bool, StoreError> {
+        // In a savepoint: a replay (the signature is the primary key) leaves the surrounding
+        // PostgreSQL transaction usable.
+        let r = self.conn.transaction(|c| {
+            diesel::insert_into(agent_request_signatures::table)
+                .values((
+                    agent_request_signatures::signature.eq(signature),
+                    agent_request_signatures::agent_id.eq(agent_id.as_str()),
+                    agent_request_signatures::expires_at.eq(expires_at.millis()),
+                ))
+                .execute(c)
+        });
+        match self.track_allowing_conflict(r) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn forget_signatures(&mut self, now: Timestamp) -> Result<u64, StoreError> {
+        let r = diesel::delete(
+            agent_request_signatures::table
+                .filter(agent_request_signatures::expires_at.lt(now.millis())),
+        )
+        .execute(self.conn);
+        Ok(u64::try_from(self.track(r)?).unwrap_or(0))
+    }
+
+    fn insert_command(&mut self, command: &AgentCommand) -> Result<(), StoreError> {
+        let row = CommandRow::try_from(command)?;
+        // In a savepoint: a second command for the same (job, step) — a dispatch retried
+        // after a crash — is a conflict the caller answers by reading the first one.
+        let r = self.conn.transaction(|c| {
+            diesel::insert_into(agent_commands::table)
+                .values(&row)
+                .execute(c)
+        });
+        self.track_allowing_conflict(r).map(drop)
+    }
+
+    fn get_command(&mut self, id: &CommandId) -> Result<Option<AgentCommand>, StoreError> {
+        let r = agent_commands::table
+            .find(id.as_str())
+            .select(CommandRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(AgentCommand::try_from).transpose()
+    }
+
+    fn lock_command(&mut self, id: &CommandId) -> Result<Option<AgentCommand>, StoreError> {
+        macro_rules! query {
+            () => {
+                agent_commands::table
+                    .find(id.as_str())
+                    .select(CommandRow::as_select())
+            };
+        }
+        let r = match &mut *self.conn {
+            DbConn::Pg(c) => query!().for_update().first(c).optional(),
+            // The IMMEDIATE transaction holds the database's write lock already.
+            DbConn::Sqlite(c) => query!().first(c).optional(),
+        };
+        self.track(r)?.map(AgentCommand::try_from).transpose()
+    }
+
+    fn find_job_command(
+        &mut self,
+        job_id: &JobId,
+        step: &str,
+    ) -> Result<Option<AgentCommand>, StoreError> {
+        let r = agent_commands::table
+            .filter(agent_commands::job_id.eq(job_id.as_str()))
+            .filter(agent_commands::step.eq(step))
+            .select(CommandRow::as_select())
+            .first(self.conn)
+            .optional();
+        self.track(r)?.map(AgentCommand::try_from).transpose()
+    }
+
+    fn next_queued_command(
+        &mut self,
+        agent_id: &AgentId,
+    ) -> Result<Option<AgentCommand>, StoreError> {
+        macro_rules! query {
+            () => {
+                agent_commands::table
+                    .filter(agent_commands::agent_id.eq(agent_id.as_str()))
+                    .filter(agent_commands::status.eq(CommandStatus::Queued.as_str()))
+                    .order(agent_commands::id.asc())
+                    .select(CommandRow::as_select())
+            };
+        }
+        let r = match &mut *self.conn {
+            // A command another poll is taking right now is skipped, not waited for.
+            DbConn::Pg(c) => query!().for_update().skip_locked().first(c).optional(),
+            // The IMMEDIATE transaction holds the database's write lock already.
+            DbConn::Sqlite(c) => query!().first(c).optional(),
+        };
+        self.track(r)?.map(AgentCommand::try_from).transpose()
+    }
+
+    fn update_command(&mut self, command: &AgentCommand) -> Result<(), StoreError> {
+        let row = CommandRow::try_from(command)?;
+        let r = diesel::update(agent_commands::table.find(&row.id))
+            .set((
+                agent_commands::status.eq(&row.status),
+                agent_commands::output.eq(&row.output),
+                agent_commands::sealed_snapshot.eq(&row.sealed_snapshot),
+                agent_commands::error.eq(&row.error),
+                agent_commands::dispatched_at.eq(row.dispatched_at),
+                agent_commands::finished_at.eq(row.finished_at),
+            ))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no command {}", row.id)));
+        }
+        Ok(())
+    }
+
+    fn agent_commands(
+        &mut self,
+        agent_id: &AgentId,
+        statuses: &[CommandStatus],
+    ) -> Result<Vec<AgentCommand>, StoreError> {
+        let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let r = agent_commands::table
+            .filter(agent_commands::agent_id.eq(agent_id.as_str()))
+            .filter(agent_commands::status.eq_any(statuses))
+            .order(agent_commands::id.asc())
+            .select(CommandRow::as_select())
+            .load(self.conn);
+        self.track(r)?
+            .into_iter()
+            .map(AgentCommand::try_from)
+            .collect()
+    }
+
+    fn agents_with_queued_commands(&mut self) -> Result<Vec<AgentId>, StoreError> {
+        let r = agent_commands::table
+            .filter(agent_commands::status.eq(CommandStatus::Queued.as_str()))
+            .select(agent_commands::agent_id)
+            .distinct()
+            .order(agent_commands::agent_id.asc())
+            .load::<String>(self.conn);
+        self.track(r)?
+            .into_iter()
+            .map(|id| AgentId::parse(&id).map_err(|e| crate::error::corrupt("agent_commands", e)))
             .collect()
     }
 }

@@ -158,10 +158,69 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    enrollment_tokens (id) {
+        id -> Text,
+        name -> Nullable<Text>,
+        token_hash -> Text,
+        expires_at -> BigInt,
+        max_uses -> Integer,
+        uses -> Integer,
+        created_by -> Text,
+        created_at -> BigInt,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    agents (id) {
+        id -> Text,
+        name -> Text,
+        hostname -> Text,
+        os -> Text,
+        arch -> Text,
+        version -> Text,
+        labels -> Text,
+        sealed_secret -> Text,
+        enrollment_token_id -> Text,
+        registered_at -> BigInt,
+        last_heartbeat_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    agent_commands (id) {
+        id -> Text,
+        agent_id -> Text,
+        change_request_id -> Nullable<Text>,
+        job_id -> Nullable<Text>,
+        step -> Text,
+        command_type -> Text,
+        params -> Text,
+        status -> Text,
+        output -> Nullable<Text>,
+        sealed_snapshot -> Nullable<Text>,
+        error -> Nullable<Text>,
+        created_at -> BigInt,
+        dispatched_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    agent_request_signatures (signature) {
+        signature -> Text,
+        agent_id -> Text,
+        expires_at -> BigInt,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(refresh_tokens -> sessions (session_id));
 diesel::joinable!(connector_credentials -> connectors (connector_id));
 diesel::joinable!(assets -> connectors (connector_id));
+diesel::joinable!(agent_commands -> agents (agent_id));
 diesel::allow_tables_to_appear_in_same_query!(
     users,
     sessions,
@@ -173,5 +232,9 @@ diesel::allow_tables_to_appear_in_same_query!(
     assets,
     change_requests,
     change_request_journals,
-    change_request_secrets
+    change_request_secrets,
+    enrollment_tokens,
+    agents,
+    agent_commands,
+    agent_request_signatures
 );

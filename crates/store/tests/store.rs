@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
+use nexplane_domain::agent::{Agent, AgentCommand, CommandStatus, EnrollmentToken};
 use nexplane_domain::audit::{AuditEvent, ChainCheck, ChainVerifier, NewAuditEvent};
 use nexplane_domain::change_request::{self as cr, Action, Actor, NewChangeRequest, Policy};
 use nexplane_domain::job::{JobOutcome, Progress};
+use nexplane_domain::{AgentId, CommandId, EnrollmentTokenId};
 use nexplane_domain::{
     Asset, AssetId, Connector, ConnectorId, ConnectorStatus, Environment, EventId, Job, JobId,
     JobKind, JobStatus, LockState, PasswordHash, RefreshTokenRecord, Role, SealedValue, Session,
@@ -174,6 +176,14 @@ on_both_backends!(
     change_requests_round_trip_filters_and_paging,
     concurrent_approvals_are_serialized,
     journals_and_secrets_round_trip,
+    enrollment_tokens_round_trip_and_paging,
+    unusable_enrollment_tokens_are_not_consumed,
+    enrollment_token_race_never_exceeds_max_uses,
+    agents_round_trip_and_paging,
+    signatures_are_remembered_once,
+    commands_round_trip_and_conflict_per_job_step,
+    queued_commands_oldest_first,
+    concurrent_polls_never_take_the_same_command,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -260,7 +270,8 @@ fn migrations_apply_once(t: &TestDb) {
             "2026-12-04-000003_connectors",
             "2026-12-04-000004_discovery",
             "2026-12-04-000005_change_requests",
-            "2026-12-04-000006_execution"
+            "2026-12-04-000006_execution",
+            "2026-12-04-000007_agents"
         ]
     );
     // TestDb already migrated once: a second run, and a run from another pool, apply nothing.
@@ -1787,4 +1798,575 @@ fn journals_and_secrets_round_trip(t: &TestDb) {
     assert_eq!(tx(db, |r| r.delete_secrets(&cr.id)), 1);
     assert_eq!(tx(db, |r| r.delete_secrets(&cr.id)), 0);
     assert!(tx(db, |r| r.get_secrets(&cr.id)).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents
+
+fn enrollment_token(hash: &str, created: Timestamp, max_uses: u32) -> EnrollmentToken {
+    EnrollmentToken {
+        id: EnrollmentTokenId::new(created, rnd()),
+        name: Some(format!("token {hash}")),
+        token_hash: hash.to_owned(),
+        expires_at: created.plus_secs(1800),
+        max_uses,
+        uses: 0,
+        created_by: UserId::new(created, rnd()),
+        created_at: created,
+        revoked_at: None,
+    }
+}
+
+fn agent(token: &EnrollmentToken, host: &str, registered: Timestamp) -> Agent {
+    Agent {
+        id: AgentId::new(registered, rnd()),
+        name: host.to_owned(),
+        hostname: format!("{host}.example.internal"),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        version: "0.1.0".into(),
+        labels: serde_json::json!({"env": "staging", "role": host}),
+        sealed_secret: SealedValue::new(format!("v1.k1.bm9uY2U.{host}")),
+        enrollment_token_id: token.id.clone(),
+        registered_at: registered,
+        last_heartbeat_at: None,
+        revoked_at: None,
+    }
+}
+
+fn command(a: &Agent, job: Option<&JobId>, step: &str, created: Timestamp) -> AgentCommand {
+    AgentCommand {
+        id: CommandId::new(created, rnd()),
+        agent_id: a.id.clone(),
+        change_request_id: Some(ChangeRequestId::new(created, rnd())),
+        job_id: job.cloned(),
+        step: step.to_owned(),
+        command_type: "write_file".into(),
+        params: serde_json::json!({"path": "/etc/motd", "content": "hello", "mode": 420}),
+        status: CommandStatus::Queued,
+        output: None,
+        sealed_snapshot: None,
+        error: None,
+        created_at: created,
+        dispatched_at: None,
+        finished_at: None,
+    }
+}
+
+/// Pages through `list` with pages of `size` and returns the ids seen, and the page count.
+fn page_all(size: u32, mut list: impl FnMut(&Page) -> Vec<String>) -> (Vec<String>, usize) {
+    let mut page = Page {
+        limit: size,
+        after: None,
+    };
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let batch = list(&page);
+        if batch.is_empty() {
+            return (seen, pages);
+        }
+        assert!(batch.len() <= size as usize);
+        pages += 1;
+        page.after = batch.last().cloned();
+        seen.extend(batch);
+    }
+}
+
+fn enrollment_tokens_round_trip_and_paging(t: &TestDb) {
+    let db = &t.db;
+    let mut first = enrollment_token("h0", at(0), 3);
+    first.name = None;
+    tx(db, |r| r.insert_enrollment_token(&first));
+    assert_eq!(
+        tx(db, |r| r.get_enrollment_token(&first.id)),
+        Some(first.clone())
+    );
+    assert_eq!(
+        tx(db, |r| r.get_enrollment_token(&EnrollmentTokenId::new(
+            at(1),
+            424_242
+        ))),
+        None
+    );
+
+    // The hash is unique.
+    let dup = enrollment_token("h0", at(1), 1);
+    assert_eq!(
+        transaction(db, |r| r.insert_enrollment_token(&dup)),
+        Err(StoreError::Conflict("enrollment_tokens.token_hash".into()))
+    );
+
+    let mut ids = vec![first.id.as_str().to_owned()];
+    tx(db, |r| {
+        for i in 1..13 {
+            let tok = enrollment_token(&format!("h{i}"), at(i * 1000), 1);
+            ids.push(tok.id.as_str().to_owned());
+            r.insert_enrollment_token(&tok)?;
+        }
+        Ok(())
+    });
+    ids.sort();
+    ids.reverse(); // newest first
+    let (seen, pages) = page_all(5, |page| {
+        tx(db, |r| r.list_enrollment_tokens(page))
+            .into_iter()
+            .map(|t| t.id.as_str().to_owned())
+            .collect()
+    });
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids, "pages in id order, no duplicates, no gaps");
+
+    // Revocation keeps the first time; an unknown token is reported.
+    assert!(tx(db, |r| r.revoke_enrollment_token(&first.id, at(100))));
+    assert!(tx(db, |r| r.revoke_enrollment_token(&first.id, at(200))));
+    assert!(!tx(db, |r| r.revoke_enrollment_token(
+        &EnrollmentTokenId::new(at(1), 99),
+        at(200)
+    )));
+    assert_eq!(
+        tx(db, |r| r.get_enrollment_token(&first.id))
+            .unwrap()
+            .revoked_at,
+        Some(at(100))
+    );
+}
+
+fn unusable_enrollment_tokens_are_not_consumed(t: &TestDb) {
+    let db = &t.db;
+    let two = enrollment_token("two", at(0), 2);
+    let mut expired = enrollment_token("expired", at(0), 5);
+    expired.expires_at = at(1000);
+    let revoked = enrollment_token("revoked", at(0), 5);
+    let mut used_up = enrollment_token("used_up", at(0), 2);
+    used_up.uses = 2;
+    tx(db, |r| {
+        for tok in [&two, &expired, &revoked, &used_up] {
+            r.insert_enrollment_token(tok)?;
+        }
+        r.revoke_enrollment_token(&revoked.id, at(10))
+    });
+
+    let one = tx(db, |r| r.consume_enrollment_token("two", at(500))).unwrap();
+    assert_eq!(one.uses, 1);
+    assert_eq!(
+        one,
+        EnrollmentToken {
+            uses: 1,
+            ..two.clone()
+        }
+    );
+    let second = tx(db, |r| r.consume_enrollment_token("two", at(500))).unwrap();
+    assert_eq!(second.uses, 2);
+    assert_eq!(tx(db, |r| r.consume_enrollment_token("two", at(500))), None);
+
+    // Expired: at `expires_at` it no longer works.
+    assert_eq!(
+        tx(db, |r| r.consume_enrollment_token("expired", at(999)))
+            .unwrap()
+            .uses,
+        1
+    );
+    assert_eq!(
+        tx(db, |r| r.consume_enrollment_token("expired", at(1000))),
+        None
+    );
+    assert_eq!(
+        tx(db, |r| r.consume_enrollment_token("expired", at(5000))),
+        None
+    );
+    assert_eq!(
+        tx(db, |r| r.consume_enrollment_token("revoked", at(500))),
+        None
+    );
+    assert_eq!(
+        tx(db, |r| r.consume_enrollment_token("used_up", at(500))),
+        None
+    );
+    assert_eq!(
+        tx(db, |r| r.consume_enrollment_token("unknown", at(500))),
+        None
+    );
+
+    // Refusals changed nothing.
+    let uses = |id: &EnrollmentTokenId| tx(db, |r| r.get_enrollment_token(id)).unwrap().uses;
+    assert_eq!(uses(&two.id), 2);
+    assert_eq!(uses(&expired.id), 1);
+    assert_eq!(uses(&revoked.id), 0);
+    assert_eq!(uses(&used_up.id), 2);
+
+    // The schema itself bounds the uses.
+    let mut over = enrollment_token("over", at(0), 1);
+    over.uses = 2;
+    assert!(transaction(db, |r| r.insert_enrollment_token(&over)).is_err());
+}
+
+fn enrollment_token_race_never_exceeds_max_uses(t: &TestDb) {
+    const THREADS: usize = 10;
+    let db = &t.db;
+    let inside = db.backend() == Backend::Postgres;
+    for (hash, max_uses) in [("single", 1_u32), ("triple", 3)] {
+        let tok = enrollment_token(hash, at(0), max_uses);
+        tx(db, |r| r.insert_enrollment_token(&tok));
+        let barrier = Barrier::new(THREADS);
+        let got: Vec<Option<EnrollmentToken>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let barrier = &barrier;
+                    let tok = &tok;
+                    scope.spawn(move || {
+                        // SQLite transactions are IMMEDIATE: meet before. PostgreSQL: meet
+                        // inside, once every transaction has read the token as usable.
+                        if !inside {
+                            barrier.wait();
+                        }
+                        transaction(db, |r| {
+                            if inside {
+                                let seen = r.get_enrollment_token(&tok.id)?.expect("token");
+                                assert!(seen.is_usable(at(10)));
+                                barrier.wait();
+                            }
+                            r.consume_enrollment_token(hash, at(10))
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<&EnrollmentToken> = got.iter().flatten().collect();
+        assert_eq!(winners.len(), max_uses as usize, "{hash}: {got:?}");
+        let mut uses: Vec<u32> = winners.iter().map(|t| t.uses).collect();
+        uses.sort_unstable();
+        assert_eq!(uses, (1..=max_uses).collect::<Vec<_>>(), "{hash}");
+        assert_eq!(
+            tx(db, |r| r.get_enrollment_token(&tok.id)).unwrap().uses,
+            max_uses
+        );
+    }
+}
+
+fn agents_round_trip_and_paging(t: &TestDb) {
+    let db = &t.db;
+    let tok = enrollment_token("agents", at(0), 20);
+    tx(db, |r| r.insert_enrollment_token(&tok));
+    let web = agent(&tok, "web", at(0));
+    tx(db, |r| r.insert_agent(&web));
+    assert_eq!(tx(db, |r| r.get_agent(&web.id)), Some(web.clone()));
+    assert_eq!(tx(db, |r| r.get_agent(&AgentId::new(at(0), 77_777))), None);
+    assert!(matches!(
+        transaction(db, |r| r.insert_agent(&web)),
+        Err(StoreError::Conflict(target)) if target == "agents.id"
+    ));
+
+    // Update overwrites the mutable fields, not the token or the registration time.
+    let mut changed = web.clone();
+    changed.name = "web-1".into();
+    changed.hostname = "web-1.example.internal".into();
+    changed.os = "freebsd".into();
+    changed.arch = "aarch64".into();
+    changed.version = "0.2.0".into();
+    changed.labels = serde_json::json!({"env": "production", "tier": ["a", "b"]});
+    changed.sealed_secret = SealedValue::new("v1.k2.bm9uY2U.rotated".into());
+    changed.last_heartbeat_at = Some(at(50));
+    changed.revoked_at = Some(at(60));
+    tx(db, |r| r.update_agent(&changed));
+    assert_eq!(tx(db, |r| r.get_agent(&web.id)), Some(changed.clone()));
+    let mut other_fields = changed.clone();
+    other_fields.registered_at = at(999);
+    other_fields.enrollment_token_id = EnrollmentTokenId::new(at(1), 5);
+    tx(db, |r| r.update_agent(&other_fields));
+    assert_eq!(tx(db, |r| r.get_agent(&web.id)), Some(changed.clone()));
+    assert!(transaction(db, |r| r.update_agent(&agent(&tok, "ghost", at(1)))).is_err());
+
+    // The schema refuses a plain-text secret, on insert and on update.
+    let mut plain = agent(&tok, "plain", at(1));
+    plain.sealed_secret = SealedValue::new("plain text secret".into());
+    assert!(transaction(db, |r| r.insert_agent(&plain)).is_err());
+    assert_eq!(tx(db, |r| r.get_agent(&plain.id)), None);
+    let mut plain_update = changed.clone();
+    plain_update.sealed_secret = SealedValue::new("hunter2".into());
+    assert!(transaction(db, |r| r.update_agent(&plain_update)).is_err());
+    assert_eq!(tx(db, |r| r.get_agent(&web.id)), Some(changed));
+
+    let mut ids = vec![web.id.as_str().to_owned()];
+    tx(db, |r| {
+        for i in 1..12 {
+            let a = agent(&tok, &format!("host{i}"), at(i * 1000));
+            ids.push(a.id.as_str().to_owned());
+            r.insert_agent(&a)?;
+        }
+        Ok(())
+    });
+    ids.sort();
+    ids.reverse();
+    let (seen, pages) = page_all(4, |page| {
+        tx(db, |r| r.list_agents(page))
+            .into_iter()
+            .map(|a| a.id.as_str().to_owned())
+            .collect()
+    });
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids, "pages in id order, no duplicates, no gaps");
+}
+
+fn signatures_are_remembered_once(t: &TestDb) {
+    let db = &t.db;
+    let a = AgentId::new(at(0), rnd());
+    let b = AgentId::new(at(0), rnd());
+    assert!(tx(db, |r| r.remember_signature(&a, "sig-1", at(300_000))));
+    // A replay, from any agent: refused, and the transaction goes on and commits.
+    let (replay, other) = tx(db, |r| {
+        let replay = r.remember_signature(&a, "sig-1", at(300_000))?;
+        let again = r.remember_signature(&b, "sig-1", at(400_000))?;
+        assert!(!again);
+        let other = r.remember_signature(&b, "sig-2", at(310_000))?;
+        Ok((replay, other))
+    });
+    assert!(!replay);
+    assert!(other, "the transaction stayed usable after the replay");
+    assert!(tx(db, |r| r.remember_signature(&a, "sig-3", at(320_000))));
+
+    // Forgotten once expired (strictly before `now`); then a signature is new again.
+    assert_eq!(tx(db, |r| r.forget_signatures(at(300_000))), 0);
+    assert_eq!(tx(db, |r| r.forget_signatures(at(310_001))), 2);
+    assert_eq!(tx(db, |r| r.forget_signatures(at(310_001))), 0);
+    assert!(!tx(db, |r| r.remember_signature(&a, "sig-3", at(320_000))));
+    assert!(tx(db, |r| r.remember_signature(&a, "sig-1", at(600_000))));
+    assert_eq!(tx(db, |r| r.forget_signatures(at(1_000_000))), 2);
+}
+
+fn commands_round_trip_and_conflict_per_job_step(t: &TestDb) {
+    let db = &t.db;
+    let tok = enrollment_token("commands", at(0), 5);
+    let web = agent(&tok, "web", at(0));
+    tx(db, |r| {
+        r.insert_enrollment_token(&tok)?;
+        r.insert_agent(&web)
+    });
+    let job = JobId::new(at(1), rnd());
+    let first = command(&web, Some(&job), "0", at(1));
+    tx(db, |r| r.insert_command(&first));
+    assert_eq!(tx(db, |r| r.get_command(&first.id)), Some(first.clone()));
+    assert_eq!(tx(db, |r| r.lock_command(&first.id)), Some(first.clone()));
+    assert_eq!(
+        tx(db, |r| r.find_job_command(&job, "0")),
+        Some(first.clone())
+    );
+    assert_eq!(tx(db, |r| r.find_job_command(&job, "1")), None);
+    assert_eq!(tx(db, |r| r.get_command(&CommandId::new(at(1), 5))), None);
+
+    // The same (job, step) again conflicts, and the transaction goes on.
+    let again = command(&web, Some(&job), "0", at(2));
+    let next_step = command(&web, Some(&job), "1", at(2));
+    let found = tx(db, |r| {
+        assert_eq!(
+            r.insert_command(&again),
+            Err(StoreError::Conflict(
+                "agent_commands.job_id, agent_commands.step".into()
+            ))
+        );
+        r.insert_command(&next_step)?;
+        r.find_job_command(&job, "0")
+    });
+    assert_eq!(found, Some(first.clone()));
+    assert_eq!(tx(db, |r| r.get_command(&again.id)), None);
+    // Commands without a job never conflict; another job may use the same step.
+    let loose_a = command(&web, None, "0", at(3));
+    let loose_b = command(&web, None, "0", at(3));
+    let other_job = command(&web, Some(&JobId::new(at(3), rnd())), "0", at(3));
+    tx(db, |r| {
+        r.insert_command(&loose_a)?;
+        r.insert_command(&loose_b)?;
+        r.insert_command(&other_job)
+    });
+    // A command needs an existing agent.
+    let stranger = agent(&tok, "stranger", at(0));
+    assert!(transaction(db, |r| r.insert_command(&command(
+        &stranger,
+        None,
+        "0",
+        at(4)
+    )))
+    .is_err());
+
+    // Update overwrites status, output, snapshot, error and times.
+    let mut done = first.clone();
+    done.status = CommandStatus::Succeeded;
+    done.output = Some(serde_json::json!({"written": true, "bytes": 5}));
+    done.sealed_snapshot = Some(SealedValue::new("v1.k1.bm9uY2U.c25hcA".into()));
+    done.dispatched_at = Some(at(10));
+    done.finished_at = Some(at(20));
+    tx(db, |r| r.update_command(&done));
+    assert_eq!(tx(db, |r| r.get_command(&first.id)), Some(done.clone()));
+    let mut failed = next_step.clone();
+    failed.status = CommandStatus::Failed;
+    failed.error = Some("permission denied".into());
+    failed.finished_at = Some(at(21));
+    tx(db, |r| r.update_command(&failed));
+    assert!(
+        transaction(db, |r| r.update_command(&command(&web, None, "x", at(5)))).is_err(),
+        "updating a missing command"
+    );
+    // A plain-text snapshot is refused by the schema.
+    let mut plain = done.clone();
+    plain.sealed_snapshot = Some(SealedValue::new("root:x:0:0".into()));
+    assert!(transaction(db, |r| r.update_command(&plain)).is_err());
+    assert_eq!(tx(db, |r| r.get_command(&first.id)), Some(done.clone()));
+
+    // The agent's commands by status, oldest first.
+    let ids = |cs: Vec<AgentCommand>| cs.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(tx(db, |r| r.agent_commands(
+            &web.id,
+            &[CommandStatus::Succeeded, CommandStatus::Failed]
+        ))),
+        vec![first.id.clone(), next_step.id.clone()]
+    );
+    let mut queued = vec![loose_a.id.clone(), loose_b.id.clone(), other_job.id.clone()];
+    queued.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(
+        ids(tx(db, |r| r.agent_commands(&web.id, &[CommandStatus::Queued]))),
+        queued
+    );
+    assert!(tx(db, |r| r.agent_commands(&web.id, &[])).is_empty());
+    assert!(tx(db, |r| r
+        .agent_commands(&stranger.id, &[CommandStatus::Queued]))
+    .is_empty());
+}
+
+fn queued_commands_oldest_first(t: &TestDb) {
+    let db = &t.db;
+    let tok = enrollment_token("queue", at(0), 5);
+    let a = agent(&tok, "a", at(0));
+    let b = agent(&tok, "b", at(0));
+    let c = agent(&tok, "c", at(0));
+    tx(db, |r| {
+        r.insert_enrollment_token(&tok)?;
+        r.insert_agent(&a)?;
+        r.insert_agent(&b)?;
+        r.insert_agent(&c)
+    });
+    assert_eq!(tx(db, |r| r.next_queued_command(&a.id)), None);
+    assert!(tx(db, |r| r.agents_with_queued_commands()).is_empty());
+
+    // Inserted newest first: the order comes from the ids, not from the insertion.
+    let a_cmds: Vec<AgentCommand> = (0..3)
+        .map(|i| command(&a, None, &i.to_string(), at(i * 10)))
+        .collect();
+    let b_cmd = command(&b, None, "0", at(5));
+    let mut c_done = command(&c, None, "0", at(5));
+    c_done.status = CommandStatus::Dispatched;
+    tx(db, |r| {
+        for cmd in a_cmds.iter().rev() {
+            r.insert_command(cmd)?;
+        }
+        r.insert_command(&b_cmd)?;
+        r.insert_command(&c_done)
+    });
+    let mut expected = vec![a.id.clone(), b.id.clone()];
+    expected.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(tx(db, |r| r.agents_with_queued_commands()), expected);
+
+    // Each poll takes the oldest queued command of its agent.
+    for cmd in &a_cmds {
+        let got = tx(db, |r| {
+            let Some(mut next) = r.next_queued_command(&a.id)? else {
+                return Ok(None);
+            };
+            next.status = CommandStatus::Dispatched;
+            next.dispatched_at = Some(at(100));
+            r.update_command(&next)?;
+            Ok(Some(next.id))
+        });
+        assert_eq!(got.as_ref(), Some(&cmd.id));
+    }
+    assert_eq!(tx(db, |r| r.next_queued_command(&a.id)), None);
+    assert_eq!(tx(db, |r| r.next_queued_command(&c.id)), None);
+    assert_eq!(tx(db, |r| r.next_queued_command(&b.id)), Some(b_cmd));
+    assert_eq!(
+        tx(db, |r| r.agents_with_queued_commands()),
+        vec![b.id.clone()]
+    );
+}
+
+fn concurrent_polls_never_take_the_same_command(t: &TestDb) {
+    const COMMANDS: i64 = 12;
+    const POLLERS: usize = 4;
+    let db = &t.db;
+    let tok = enrollment_token("polls", at(0), 5);
+    let a = agent(&tok, "a", at(0));
+    let cmds: Vec<AgentCommand> = (0..COMMANDS)
+        .map(|i| command(&a, None, &i.to_string(), at(i)))
+        .collect();
+    tx(db, |r| {
+        r.insert_enrollment_token(&tok)?;
+        r.insert_agent(&a)?;
+        cmds.iter().try_for_each(|c| r.insert_command(c))
+    });
+
+    if db.backend() == Backend::Postgres {
+        // Two transactions open at once: the second skips the command the first holds. (The
+        // first gives up waiting after a while, so a poll that blocks on the lock instead of
+        // skipping it fails the assertions below rather than hanging.)
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel::<()>();
+        let a = &a;
+        let (first, second) = std::thread::scope(|scope| {
+            let one = scope.spawn(move || {
+                tx(db, |r| {
+                    let got = r.next_queued_command(&a.id)?;
+                    held_tx.send(()).unwrap();
+                    // Keep the row locked until the other has polled.
+                    let _ = taken_rx.recv_timeout(Duration::from_secs(5));
+                    Ok(got.map(|c| c.id))
+                })
+            });
+            let two = scope.spawn(move || {
+                held_rx.recv().unwrap();
+                let got = tx(db, |r| Ok(r.next_queued_command(&a.id)?.map(|c| c.id)));
+                let _ = taken_tx.send(());
+                got
+            });
+            (one.join().unwrap(), two.join().unwrap())
+        });
+        assert_eq!(first.as_ref(), Some(&cmds[0].id));
+        assert_eq!(second.as_ref(), Some(&cmds[1].id));
+    }
+
+    // Pollers dispatch every command, each exactly once.
+    let barrier = Barrier::new(POLLERS);
+    let taken: Vec<Vec<CommandId>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..POLLERS)
+            .map(|_| {
+                let barrier = &barrier;
+                let a = &a;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = tx(db, |r| {
+                            let Some(mut next) = r.next_queued_command(&a.id)? else {
+                                return Ok(None);
+                            };
+                            next.status = CommandStatus::Dispatched;
+                            next.dispatched_at = Some(at(1000));
+                            r.update_command(&next)?;
+                            Ok(Some(next.id))
+                        });
+                        match got {
+                            Some(id) => mine.push(id),
+                            None => return mine,
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all: Vec<&CommandId> = taken.iter().flatten().collect();
+    assert_eq!(all.len(), cmds.len(), "each command once: {taken:?}");
+    let unique: HashSet<&CommandId> = all.iter().copied().collect();
+    assert_eq!(unique.len(), cmds.len());
+    assert!(tx(db, |r| r.agents_with_queued_commands()).is_empty());
 }

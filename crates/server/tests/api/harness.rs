@@ -104,6 +104,7 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.running.worker.stop();
         self.running.worker.task.abort();
+        self.running.watcher.abort();
         let h = self.running.handle.clone();
         drop(h.stop(false));
         self.running.task.abort();
@@ -209,6 +210,7 @@ impl TestApp {
     pub async fn restart(&mut self) {
         self.running.worker.stop();
         self.running.worker.task.abort();
+        self.running.watcher.abort();
         self.running.handle.stop(false).await;
         self.running.task.abort();
         let running = nexplane::start(self.config(), self.clock.clone())
