@@ -17,7 +17,13 @@ const PUBLIC: &[(&str, &str)] = &[
     ("/health/live", "get"),
     ("/.well-known/jwks.json", "get"),
     ("/metrics", "get"),
+    ("/agent/register", "post"),
 ];
+
+/// Whether an endpoint is called by agents with a request signature (api.md §7.2).
+fn signed_by_agent(path: &str) -> bool {
+    path.starts_with("/agent/") && path != "/agent/register"
+}
 
 /// The finished OpenAPI 3 document.
 pub fn openapi_spec() -> Value {
@@ -45,6 +51,8 @@ fn optional_body_schema(path: &str) -> Option<&'static str> {
     match path {
         "/change-requests/{id}/approve" => Some("ApproveRequest"),
         "/change-requests/{id}/reject" => Some("RejectRequest"),
+        "/agent/heartbeat" => Some("HeartbeatRequest"),
+        "/agent/commands/{id}/result" => Some("CommandResultRequest"),
         _ => None,
     }
 }
@@ -69,7 +77,13 @@ fn finish(mut spec: Value) -> Value {
         c.insert(
             "securitySchemes".into(),
             json!({"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                "description": "Access token from POST /auth/login"}}),
+                "description": "Access token from POST /auth/login"},
+                "agentSignature": {"type": "apiKey", "in": "header", "name": "X-Nexplane-Signature",
+                "description": "Agent requests (api.md §7.2) carry X-Nexplane-Agent (the agent id), \
+                    X-Nexplane-Timestamp (Unix seconds, within 300 s of the server clock) and \
+                    X-Nexplane-Signature: hex HMAC-SHA256(agent_secret, METHOD + \"\\n\" + \
+                    PATH_WITH_QUERY + \"\\n\" + TIMESTAMP + \"\\n\" + hex SHA-256(body)). A replayed, \
+                    stale, forged or tampered request, or a revoked agent, gets 401."}}),
         );
         let schemas = c.entry("schemas").or_insert_with(|| json!({}));
         schemas["Problem"] = json!({
@@ -115,15 +129,34 @@ fn finish(mut spec: Value) -> Value {
                 .map(std::mem::take)
                 .unwrap_or_default();
             let mut responses: Map<String, Value> = responses;
+            if path == "/agent/commands/next" {
+                responses.insert("200".into(), json!({"description": "the next command",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AgentCommand"}}}}));
+                responses.insert(
+                    "204".into(),
+                    json!({"description": "no command arrived within `wait`"}),
+                );
+            }
             let mut add = |code: &str, desc: &str| {
                 responses
                     .entry(code.to_owned())
                     .or_insert_with(|| problem_response(desc));
             };
-            if !public {
+            if signed_by_agent(path) {
+                add(
+                    "401",
+                    "missing, stale, replayed or bad signature, or a revoked agent",
+                );
+            } else if path == "/agent/register" {
+                add(
+                    "401",
+                    "the enrollment token is unknown, expired, revoked or used up",
+                );
+            } else if !public {
                 add("401", "missing, invalid or expired token");
                 add("403", "the caller's role may not do this");
             }
+
             if path.contains('{') {
                 add("404", "no such resource");
             }
@@ -164,7 +197,12 @@ fn finish(mut spec: Value) -> Value {
                         "$ref": "#/components/schemas/RefreshRequest"}}}}),
                 );
             } else if let Some(schema) = optional_body_schema(path) {
-                op.insert("security".into(), json!([{"bearer": []}]));
+                let scheme = if signed_by_agent(path) {
+                    "agentSignature"
+                } else {
+                    "bearer"
+                };
+                op.insert("security".into(), json!([{ scheme: [] }]));
                 op.insert(
                     "requestBody".into(),
                     json!({"required": schema == "RejectRequest", "content": {"application/json":
@@ -172,6 +210,8 @@ fn finish(mut spec: Value) -> Value {
                 );
             } else if public {
                 op.insert("security".into(), json!([]));
+            } else if signed_by_agent(path) {
+                op.insert("security".into(), json!([{"agentSignature": []}]));
             } else {
                 op.insert("security".into(), json!([{"bearer": []}]));
             }
@@ -195,6 +235,22 @@ fn finish(mut spec: Value) -> Value {
             json!({"type": "object", "additionalProperties": false,
                 "description": "Optional body of an approval.",
                 "properties": {"comment": {"type": "string", "maxLength": 2000}}})
+        });
+        schemas.entry("HeartbeatRequest").or_insert_with(|| {
+            json!({"type": "object", "additionalProperties": false,
+                "properties": {"version": {"type": "string"}, "hostname": {"type": "string"}}})
+        });
+        schemas.entry("CommandResultRequest").or_insert_with(|| {
+            json!({"type": "object", "additionalProperties": false, "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["succeeded", "failed"]},
+                    "output": {"type": "object", "description": "what happened; on failure {\"error\": \"…\"}"},
+                    "snapshot": {"type": "object", "description": "the previous state, for rollback (stored sealed)"}}})
+        });
+        schemas.entry("AgentCommand").or_insert_with(|| {
+            json!({"type": "object", "required": ["id", "type", "params"],
+                "properties": {"id": {"type": "string"},
+                    "type": {"type": "string", "enum": ["write_file", "set_file_mode", "restore_file", "restore_file_mode"]},
+                    "params": {"type": "object"}}})
         });
         schemas.entry("RejectRequest").or_insert_with(|| {
             json!({"type": "object", "additionalProperties": false, "required": ["reason"],

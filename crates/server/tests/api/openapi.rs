@@ -37,6 +37,14 @@ const PATHS: &[(&str, &[&str])] = &[
     ("/change-requests/{id}/execute", &["post"]),
     ("/change-requests/{id}/rollback", &["post"]),
     ("/change-requests/{id}/reveal-secrets", &["post"]),
+    ("/agents/enrollment-tokens", &["get", "post"]),
+    ("/agents/enrollment-tokens/{id}", &["delete"]),
+    ("/agents", &["get"]),
+    ("/agents/{id}", &["get", "delete"]),
+    ("/agent/register", &["post"]),
+    ("/agent/heartbeat", &["post"]),
+    ("/agent/commands/next", &["get"]),
+    ("/agent/commands/{id}/result", &["post"]),
 ];
 
 const PUBLIC: &[&str] = &[
@@ -128,8 +136,15 @@ both!(
                 let needs_bearer = security
                     .as_array()
                     .is_some_and(|a| a.iter().any(|req| req.get(&bearer).is_some()));
-                if PUBLIC.contains(path) {
-                    assert!(!needs_bearer, "{m} {path} is public");
+                let signed = security
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|req| req.get("agentSignature").is_some()));
+                if PUBLIC.contains(path) || *path == "/agent/register" {
+                    assert!(!needs_bearer && !signed, "{m} {path} is public");
+                } else if path.starts_with("/agent/") {
+                    // Agents sign their requests instead of sending a bearer token.
+                    assert!(signed && !needs_bearer, "{m} {path}: {security}");
+                    assert!(responses.contains_key("401"), "{m} {path}");
                 } else {
                     assert!(
                         needs_bearer,
