@@ -247,6 +247,22 @@ impl App {
                     }
                 }
             }
+            // An agent change type names its agent: it must exist and not be revoked.
+            let on_agent = change_type.is_some_and(|ct| ct.connector_type == ConnectorType::Agent);
+            let named = input.target.as_ref().and_then(|t| t["agent_id"].as_str());
+            if let Some(agent) = named.filter(|_| on_agent) {
+                let known = match nexplane_domain::AgentId::parse(agent) {
+                    Ok(aid) => r.get_agent(&aid)?,
+                    Err(_) => None,
+                };
+                match known {
+                    None => errors.push(FieldError::new("target.agent_id", "no such agent")),
+                    Some(a) if a.revoked_at.is_some() => {
+                        errors.push(FieldError::new("target.agent_id", "the agent is revoked"))
+                    }
+                    Some(_) => {}
+                }
+            }
             let new = NewChangeRequest {
                 id: id.clone(),
                 title: input.title.clone(),

@@ -354,6 +354,7 @@ impl App {
             Some((connector, sealed)) => self
                 .open_target(&connector, &sealed)
                 .ok_or(SEALED_UNREADABLE),
+            None if run.on_agent => Ok(run.cloud.clone()),
             None => Err("the connector of this change request no longer exists"),
         };
         let give_up = match cloud {

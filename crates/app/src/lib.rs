@@ -107,7 +107,10 @@ pub struct App {
 /// Called after a command for an agent has been committed, so that agent's long poll (if it
 /// waits on this process) answers at once.
 #[derive(Default)]
-pub(crate) struct CommandListener(std::sync::OnceLock<Box<dyn Fn(&AgentId) + Send + Sync>>);
+pub(crate) struct CommandListener(std::sync::OnceLock<CommandQueuedFn>);
+
+/// What [`App::on_command_queued`] registers.
+pub type CommandQueuedFn = Box<dyn Fn(&AgentId) + Send + Sync>;
 
 impl std::fmt::Debug for CommandListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,7 +154,7 @@ impl App {
 
     /// Registers the function told about every newly queued agent command (the first call
     /// wins).
-    pub fn on_command_queued(&self, f: Box<dyn Fn(&AgentId) + Send + Sync>) {
+    pub fn on_command_queued(&self, f: CommandQueuedFn) {
         let _ = self.command_listener.0.set(f);
     }
 

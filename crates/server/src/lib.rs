@@ -289,10 +289,14 @@ pub async fn start_with(
         .map_err(|e| StartError::Other(e.to_string()))??;
     let worker = worker::spawn(
         app.clone(),
-        worker::WorkerOptions::new(cfg.job_workers, cfg.job_lease_secs).with_test_pause(
-            cfg.test_pause_at.clone(),
-            cfg.data_dir.join(worker::PAUSE_MARKER),
-        ),
+        worker::WorkerOptions::new(cfg.job_workers, cfg.job_lease_secs)
+            .with_test_pause(
+                cfg.test_pause_at.clone(),
+                cfg.data_dir.join(worker::PAUSE_MARKER),
+            )
+            .with_agent_command_timeout(std::time::Duration::from_secs(
+                cfg.agent_command_timeout_secs,
+            )),
     );
     let listener = TcpListener::bind(cfg.bind).map_err(|e| {
         StartError::Other(format!("NEXPLANE_BIND: cannot listen on {}: {e}", cfg.bind))

@@ -381,3 +381,272 @@ both!(
         r.assert_problem(404);
     }
 );
+
+/// Creates, submits and approves an agent change request; returns its id and the
+/// requester's token.
+pub async fn approved_agent_change(
+    app: &TestApp,
+    change_type: &str,
+    target: Value,
+) -> (String, String) {
+    let (_, op) = app.user("operator").await;
+    let r = app
+        .post(
+            "/change-requests",
+            &op,
+            json!({"title": format!("{change_type} on a host"), "change_type": change_type, "target": target}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(&format!("/change-requests/{id}/submit"), &op, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for _ in 0..r.body["required_approvals"].as_u64().unwrap() {
+        let (_, approver) = app.user("approver").await;
+        let r = app
+            .post(
+                &format!("/change-requests/{id}/approve"),
+                &approver,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    (id, op)
+}
+
+/// Long-polls until a command arrives (at most `secs`).
+pub async fn next_command(app: &TestApp, agent: &TestAgent, secs: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        // An identical request in the same second would be a replay: move the clock on.
+        app.clock.advance_secs(1);
+        let r = agent
+            .send(app, "GET", "/agent/commands/next?wait=2", Value::Null)
+            .await;
+        if r.status == 200 {
+            return r.body;
+        }
+        assert_eq!(r.status, 204, "{}", r.text);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no command within {secs} s"
+        );
+    }
+}
+
+both!(
+    agent_change_types_dispatch_commands_and_wait_for_results,
+    |app: TestApp| async move {
+        let agent = new_agent(&app).await;
+        // Unknown or revoked agents are refused at create.
+        let (_, op) = app.user("operator").await;
+        let r = app
+        .post("/change-requests", &op, json!({"title": "x", "change_type": "agent_write_file",
+            "target": {"agent_id": "agt_01m8zzzzzzzzzzzzzzzzzzzzzz", "path": "/etc/motd", "content": "hi"}}))
+        .await;
+        r.assert_problem(422);
+        assert!(r.text.contains("target.agent_id"), "{}", r.text);
+
+        let (id, op) = approved_agent_change(
+        &app,
+        "agent_write_file",
+        json!({"agent_id": agent.id, "path": "/srv/app/motd", "content": "hello", "mode": "0640"}),
+    )
+    .await;
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        let job = r.body["id"].as_str().unwrap().to_owned();
+
+        let cmd = next_command(&app, &agent, 30).await;
+        assert_eq!(cmd["type"], json!("write_file"));
+        assert_eq!(
+            cmd["params"],
+            json!({"path": "/srv/app/motd", "content": "hello", "mode": "0640"})
+        );
+        let cid = cmd["id"].as_str().unwrap().to_owned();
+        // Another agent cannot answer it.
+        let other = new_agent(&app).await;
+        other
+            .send(
+                &app,
+                "POST",
+                &format!("/agent/commands/{cid}/result"),
+                json!({"status": "succeeded"}),
+            )
+            .await
+            .assert_problem(404);
+        let snapshot =
+            json!({"existed": true, "content_base64": "b2xkIHNlY3JldCBjb250ZW50", "mode": "0600"});
+        let r = agent
+        .send(&app, "POST", &format!("/agent/commands/{cid}/result"),
+            json!({"status": "succeeded", "output": {"path": "/srv/app/motd", "bytes": 5}, "snapshot": snapshot}))
+        .await;
+        assert_eq!(r.status, 204, "{}", r.text);
+        let r = agent
+            .send(
+                &app,
+                "POST",
+                &format!("/agent/commands/{cid}/result"),
+                json!({"status": "failed"}),
+            )
+            .await;
+        assert_eq!(r.assert_problem(409), "result_already_recorded");
+        let done = app.wait_job(&job, 30).await;
+        assert_eq!(done["status"], json!("succeeded"), "{done}");
+        let cr = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert_eq!(cr["state"], json!("complete"), "{cr}");
+
+        // Rollback sends the snapshot back.
+        let r = app
+            .post(&format!("/change-requests/{id}/rollback"), &op, json!({}))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        let rb_job = r.body["id"].as_str().unwrap().to_owned();
+        let cmd = next_command(&app, &agent, 30).await;
+        assert_eq!(cmd["type"], json!("restore_file"));
+        assert_eq!(
+            cmd["params"],
+            json!({"path": "/srv/app/motd", "snapshot": snapshot})
+        );
+        let r = agent
+            .send(
+                &app,
+                "POST",
+                &format!("/agent/commands/{}/result", cmd["id"].as_str().unwrap()),
+                json!({"status": "succeeded", "output": {}}),
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text);
+        assert_eq!(
+            app.wait_job(&rb_job, 30).await["status"],
+            json!("succeeded")
+        );
+        let cr = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert_eq!(cr["state"], json!("rolledback"), "{cr}");
+
+        // The snapshot (old file content) is stored sealed, never in the audit log.
+        let audit = app
+            .get("/audit?limit=500", &app.admin_token)
+            .await
+            .text;
+        assert!(!audit.contains("b2xkIHNlY3JldCBjb250ZW50"));
+        let db = app
+            .query("SELECT sealed_snapshot FROM agent_commands WHERE sealed_snapshot IS NOT NULL")
+            .join("\n");
+        assert!(
+            db.starts_with("v1.") && !db.contains("b2xkIHNlY3JldCBjb250ZW50"),
+            "{db}"
+        );
+        for e in ["agent.command_dispatched", "agent.command_completed"] {
+            assert!(audit.contains(e), "{e} missing");
+        }
+
+        // A refused command (the agent reports failure) fails the change request with its reason.
+        let (id, op) = approved_agent_change(
+            &app,
+            "agent_set_file_mode",
+            json!({"agent_id": agent.id, "path": "/etc/shadow", "mode": "0644"}),
+        )
+        .await;
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        let job = r.body["id"].as_str().unwrap().to_owned();
+        let cmd = next_command(&app, &agent, 30).await;
+        assert_eq!(cmd["type"], json!("set_file_mode"));
+        agent
+        .send(&app, "POST", &format!("/agent/commands/{}/result", cmd["id"].as_str().unwrap()),
+            json!({"status": "failed", "output": {"error": "path /etc/shadow is outside allowed_paths"}}))
+        .await;
+        app.wait_job(&job, 30).await;
+        let cr = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert_eq!(cr["state"], json!("failed"), "{cr}");
+        assert!(
+            cr["execution"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("outside allowed_paths"),
+            "{cr}"
+        );
+    }
+);
+
+both!(
+    a_command_nobody_answers_fails_the_change_request_after_its_timeout,
+    vec![("NEXPLANE_AGENT_COMMAND_TIMEOUT_SECONDS", "2".into())],
+    |app: TestApp| async move {
+        let agent = new_agent(&app).await;
+        let (id, op) = approved_agent_change(
+            &app,
+            "agent_write_file",
+            json!({"agent_id": agent.id, "path": "/srv/app/x", "content": "x"}),
+        )
+        .await;
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        let job = r.body["id"].as_str().unwrap().to_owned();
+        let done = app.wait_job(&job, 30).await;
+        assert_eq!(done["status"], json!("failed"), "{done}");
+        let cr = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert_eq!(cr["state"], json!("failed"));
+        assert!(
+            cr["execution"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("did not answer within 2 s"),
+            "{cr}"
+        );
+        // The late agent gets the command only if it was not cancelled; a late result is refused.
+        let r = agent
+            .send(&app, "GET", "/agent/commands/next?wait=0", Value::Null)
+            .await;
+        assert_eq!(
+            r.status, 204,
+            "a cancelled command was still handed out: {}",
+            r.text
+        );
+    }
+);
+
+both!(
+    revoking_an_agent_fails_the_change_request_waiting_for_it,
+    |app: TestApp| async move {
+        let agent = new_agent(&app).await;
+        let (id, op) = approved_agent_change(
+            &app,
+            "agent_write_file",
+            json!({"agent_id": agent.id, "path": "/srv/app/y", "content": "y"}),
+        )
+        .await;
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        let job = r.body["id"].as_str().unwrap().to_owned();
+        // Wait until the command is queued, then revoke.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while app.query("SELECT id FROM agent_commands").is_empty() {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let r = app
+            .delete(&format!("/agents/{}", agent.id), &app.admin_token)
+            .await;
+        assert_eq!(r.status, 204);
+        let done = app.wait_job(&job, 30).await;
+        assert_eq!(done["status"], json!("failed"), "{done}");
+        let cr = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert!(
+            cr["execution"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("was revoked"),
+            "{cr}"
+        );
+    }
+);

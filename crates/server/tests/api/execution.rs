@@ -5,8 +5,10 @@ use crate::both;
 use crate::connectors::{assert_no_secret, audit_text, create};
 use crate::harness::*;
 use crate::moto::{self, Seeder};
-use rusoto_iam::Iam;
+use rusoto_ec2::Ec2;
+use rusoto_iam::{Iam, IamClient};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 const KEY: &str = "AKIANEXPLANEEXEC0001";
 const SECRET: &str = "execution-test-secret/Value+0123456789";
@@ -23,6 +25,12 @@ fn rand_name() -> String {
 
 /// An `aws` connector on the emulator (staging: +1 risk).
 pub async fn emulated_connector(app: &TestApp, url: &str) -> String {
+    connector_as(app, url, KEY, SECRET).await
+}
+
+/// An `aws` connector on the emulator (staging) signing with these credentials (for runs with
+/// the emulator's authentication on).
+pub async fn connector_as(app: &TestApp, url: &str, key: &str, secret: &str) -> String {
     let c = create(
         app,
         json!({
@@ -30,7 +38,7 @@ pub async fn emulated_connector(app: &TestApp, url: &str) -> String {
             "type": "aws",
             "environment": "staging",
             "settings": moto::settings(url, &["us-east-1"]),
-            "credentials": {"aws_access_key_id": KEY, "aws_secret_access_key": SECRET}
+            "credentials": {"aws_access_key_id": key, "aws_secret_access_key": secret}
         }),
     )
     .await;
@@ -98,9 +106,14 @@ pub async fn run(app: &TestApp, token: &str, id: &str, action: &str) -> Value {
     app.get(&format!("/change-requests/{id}"), token).await.body
 }
 
-async fn keys(seed: &Seeder, user: &str) -> Vec<(String, String)> {
-    let r = seed
-        .iam()
+/// The access keys of `user` at the emulator: (id, status), sorted.
+pub async fn keys(seed: &Seeder, user: &str) -> Vec<(String, String)> {
+    keys_with(&seed.iam(), user).await
+}
+
+/// [`keys`] through a given IAM client (e.g. [`iam_as`] while authentication is on).
+pub async fn keys_with(iam: &IamClient, user: &str) -> Vec<(String, String)> {
+    let r = iam
         .list_access_keys(rusoto_iam::ListAccessKeysRequest {
             user_name: Some(user.into()),
             ..Default::default()
@@ -268,3 +281,1104 @@ both!(
         assert_no_secret(&[everything, db], &[&secret, SECRET]);
     }
 );
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: running a change request and reading the journals
+
+/// `name:status` of every step of a journal (`execution` or `rollback`), in order.
+pub fn step_list(journal: &Value) -> Vec<String> {
+    journal["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no steps: {journal}"))
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["name"].as_str().unwrap(),
+                s["status"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn all(names: &[&str], status: &str) -> Vec<String> {
+    names.iter().map(|n| format!("{n}:{status}")).collect()
+}
+
+/// Whether `v` is an RFC 3339 UTC timestamp with milliseconds (`2026-12-04T15:41:22.123Z`).
+fn is_timestamp(v: &Value) -> bool {
+    v.as_str().is_some_and(|t| {
+        t.len() == 24
+            && t.chars().enumerate().all(|(i, c)| match i {
+                4 | 7 => c == '-',
+                10 => c == 'T',
+                13 | 16 => c == ':',
+                19 => c == '.',
+                23 => c == 'Z',
+                _ => c.is_ascii_digit(),
+            })
+    })
+}
+
+/// Every step of `journal` has a start, an end and a detail saying what it did.
+#[track_caller]
+fn assert_steps_recorded(journal: &Value) {
+    for s in journal["steps"].as_array().unwrap() {
+        assert!(is_timestamp(&s["started_at"]), "{s}");
+        assert!(is_timestamp(&s["finished_at"]), "{s}");
+        assert!(s["detail"].as_str().is_some_and(|d| !d.is_empty()), "{s}");
+    }
+}
+
+/// The job of a journal: finished with `status`, of `kind`, about change request `id`.
+async fn assert_job(app: &TestApp, journal: &Value, id: &str, kind: &str, status: &str) {
+    let job = app
+        .get(
+            &format!("/jobs/{}", journal["job_id"].as_str().unwrap()),
+            &app.admin_token,
+        )
+        .await;
+    assert_eq!(job.status, 200, "{}", job.text);
+    assert_eq!(
+        (
+            &job.body["kind"],
+            &job.body["status"],
+            &job.body["resource_type"],
+            &job.body["resource_id"]
+        ),
+        (
+            &json!(kind),
+            &json!(status),
+            &json!("change_request"),
+            &json!(id)
+        ),
+        "{}",
+        job.text
+    );
+}
+
+/// Creates and approves a change request; returns its id and the requester's token.
+pub async fn approved_id(
+    app: &TestApp,
+    connector_id: &str,
+    change_type: &str,
+    target: Value,
+) -> (String, String) {
+    let (cr, op) = approved(app, connector_id, change_type, target).await;
+    (cr["id"].as_str().unwrap().to_owned(), op)
+}
+
+/// Executes `id` and asserts it ends `complete` with exactly these steps, all succeeded.
+pub async fn execute_ok(app: &TestApp, token: &str, id: &str, steps: &[&str]) -> Value {
+    let done = run(app, token, id, "execute").await;
+    assert_eq!(done["state"], json!("complete"), "{done}");
+    assert_eq!(
+        step_list(&done["execution"]),
+        all(steps, "succeeded"),
+        "{done}"
+    );
+    assert_eq!(done["execution"]["error"], Value::Null, "{done}");
+    assert!(is_timestamp(&done["executed_at"]), "{done}");
+    assert!(is_timestamp(&done["finished_at"]), "{done}");
+    assert_steps_recorded(&done["execution"]);
+    assert_job(app, &done["execution"], id, "execution", "succeeded").await;
+    done
+}
+
+/// Rolls `id` back and asserts it ends `rolledback` with exactly these undo steps, all
+/// succeeded.
+pub async fn roll_back_ok(app: &TestApp, token: &str, id: &str, steps: &[&str]) -> Value {
+    let back = run(app, token, id, "rollback").await;
+    assert_eq!(back["state"], json!("rolledback"), "{back}");
+    assert_eq!(
+        step_list(&back["rollback"]),
+        all(steps, "succeeded"),
+        "{back}"
+    );
+    assert_eq!(back["rollback"]["error"], Value::Null, "{back}");
+    assert!(is_timestamp(&back["finished_at"]), "{back}");
+    assert_steps_recorded(&back["rollback"]);
+    assert_job(app, &back["rollback"], id, "rollback", "succeeded").await;
+    back
+}
+
+/// The `event_type`s audited for a change request, oldest first.
+pub async fn trail(app: &TestApp, id: &str) -> Vec<String> {
+    let r = app
+        .get(
+            &format!("/audit?change_request_id={id}&limit=500"),
+            &app.admin_token,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut types: Vec<String> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap().to_owned())
+        .collect();
+    types.reverse();
+    types
+}
+
+/// The events from `change_request.execution_started` on.
+fn since_execution(events: Vec<String>) -> Vec<String> {
+    events
+        .into_iter()
+        .skip_while(|e| e != "change_request.execution_started")
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: the emulator, seen and seeded with clients independent of the server
+
+/// An IAM client on the emulator signing with these credentials.
+pub fn iam_as(url: &str, key: &str, secret: &str) -> IamClient {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = rusoto_core::Client::new_with(
+        rusoto_credential::StaticProvider::new_minimal(key.into(), secret.into()),
+        rusoto_core::HttpClient::from_connector(https),
+    );
+    IamClient::new_with_client(
+        client,
+        rusoto_core::Region::Custom {
+            name: "us-east-1".into(),
+            endpoint: url.into(),
+        },
+    )
+}
+
+/// AWS hands inline policy documents back URL-encoded; the emulator may not.
+fn decode_document(document: &str) -> Value {
+    if let Ok(v) = serde_json::from_str(document) {
+        return v;
+    }
+    let bytes = document.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], document.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) if u8::from_str_radix(hex, 16).is_ok() => {
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    serde_json::from_slice(&out).unwrap_or_else(|e| panic!("policy document {document}: {e}"))
+}
+
+/// The inline policies of `user`: name → document.
+pub async fn inline_policies(iam: &IamClient, user: &str) -> BTreeMap<String, Value> {
+    let names = iam
+        .list_user_policies(rusoto_iam::ListUserPoliciesRequest {
+            user_name: user.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .policy_names;
+    let mut out = BTreeMap::new();
+    for name in names {
+        let doc = iam
+            .get_user_policy(rusoto_iam::GetUserPolicyRequest {
+                policy_name: name.clone(),
+                user_name: user.into(),
+            })
+            .await
+            .unwrap()
+            .policy_document;
+        out.insert(name, decode_document(&doc));
+    }
+    out
+}
+
+/// Puts an inline policy on `user`.
+pub async fn put_inline_policy(iam: &IamClient, user: &str, name: &str, document: &Value) {
+    iam.put_user_policy(rusoto_iam::PutUserPolicyRequest {
+        policy_document: document.to_string(),
+        policy_name: name.into(),
+        user_name: user.into(),
+    })
+    .await
+    .unwrap();
+}
+
+/// A policy document denying `action` on everything.
+fn deny(action: &str) -> Value {
+    json!({"Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Action": action, "Resource": "*"}]})
+}
+
+/// The ARNs of the managed policies attached to `user`, sorted.
+async fn attached(seed: &Seeder, user: &str) -> Vec<String> {
+    let r = seed
+        .iam()
+        .list_attached_user_policies(rusoto_iam::ListAttachedUserPoliciesRequest {
+            user_name: user.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut arns: Vec<String> = r
+        .attached_policies
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.policy_arn.unwrap())
+        .collect();
+    arns.sort();
+    arns
+}
+
+/// The names of every IAM user, sorted.
+async fn users(seed: &Seeder) -> Vec<String> {
+    let r = seed
+        .iam()
+        .list_users(rusoto_iam::ListUsersRequest::default())
+        .await
+        .unwrap();
+    let mut names: Vec<String> = r.users.into_iter().map(|u| u.user_name).collect();
+    names.sort();
+    names
+}
+
+const REGION: &str = "us-east-1";
+
+/// The state name of an instance (`running`, `stopped`…).
+async fn instance_state(seed: &Seeder, id: &str) -> String {
+    let r = seed
+        .ec2(REGION)
+        .describe_instances(rusoto_ec2::DescribeInstancesRequest {
+            instance_ids: Some(vec![id.into()]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    r.reservations
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|r| r.instances.unwrap_or_default())
+        .find(|i| i.instance_id.as_deref() == Some(id))
+        .and_then(|i| i.state)
+        .and_then(|s| s.name)
+        .unwrap_or_else(|| panic!("instance {id} not found"))
+}
+
+/// A running instance in a new security group: (group id, instance id).
+async fn running_instance(seed: &Seeder, name: &str) -> (String, String) {
+    let group = seed
+        .security_group(REGION, &format!("{name}-sg"), 22, "10.0.0.0/8")
+        .await;
+    let id = seed.instance(REGION, name, &group).await;
+    assert_eq!(instance_state(seed, &id).await, "running");
+    (group, id)
+}
+
+/// Stops an instance at the emulator and waits until it is `stopped`.
+async fn stopped_by_seeder(seed: &Seeder, id: &str) {
+    seed.ec2(REGION)
+        .stop_instances(rusoto_ec2::StopInstancesRequest {
+            instance_ids: vec![id.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if instance_state(seed, id).await == "stopped" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("instance {id} did not stop");
+}
+
+/// The ingress rules of a security group, one `protocol from-to cidr` per IP range, sorted.
+async fn ingress(seed: &Seeder, group: &str) -> Vec<String> {
+    let r = seed
+        .ec2(REGION)
+        .describe_security_groups(rusoto_ec2::DescribeSecurityGroupsRequest {
+            group_ids: Some(vec![group.into()]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut rules = Vec::new();
+    for g in r.security_groups.unwrap_or_default() {
+        for p in g.ip_permissions.unwrap_or_default() {
+            for range in p.ip_ranges.unwrap_or_default() {
+                rules.push(format!(
+                    "{} {}-{} {}",
+                    p.ip_protocol.as_deref().unwrap_or("?"),
+                    p.from_port.unwrap_or(-1),
+                    p.to_port.unwrap_or(-1),
+                    range.cidr_ip.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    rules.sort();
+    rules
+}
+
+fn pair(id: &str, status: &str) -> (String, String) {
+    (id.to_owned(), status.to_owned())
+}
+
+/// `(id, status)` pairs sorted as [`keys`] returns them.
+fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every other AWS change type: execute, check the provider, roll back, check again
+
+both!(
+    access_key_changes_execute_and_roll_back,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        let cid = emulated_connector(&app, &url).await;
+
+        // deactivate_iam_access_key: only the named key changes.
+        seed.user("svc-ci").await;
+        let (a, _) = seed.access_key("svc-ci").await;
+        let (b, _) = seed.access_key("svc-ci").await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "deactivate_iam_access_key",
+            json!({"iam_user": "svc-ci", "access_key_id": a}),
+        )
+        .await;
+        execute_ok(&app, &op, &id, &["deactivate_access_key"]).await;
+        assert_eq!(
+            keys(&seed, "svc-ci").await,
+            sorted(vec![pair(&a, "Inactive"), pair(&b, "Active")])
+        );
+        roll_back_ok(&app, &op, &id, &["reactivate_access_key"]).await;
+        assert_eq!(
+            keys(&seed, "svc-ci").await,
+            sorted(vec![pair(&a, "Active"), pair(&b, "Active")])
+        );
+
+        // delete_iam_access_key: the inactive key is gone, and there is no way back.
+        seed.user("svc-old").await;
+        let (c, _) = seed.access_key("svc-old").await;
+        let (keep, _) = seed.access_key("svc-old").await;
+        seed.set_key_status("svc-old", &c, "Inactive").await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "delete_iam_access_key",
+            json!({"iam_user": "svc-old", "access_key_id": c}),
+        )
+        .await;
+        let done = execute_ok(&app, &op, &id, &["delete_access_key"]).await;
+        assert_eq!(
+            done["execution"]["outputs"]["deleted_access_key_id"],
+            json!(c)
+        );
+        assert_eq!(keys(&seed, "svc-old").await, vec![pair(&keep, "Active")]);
+        let r = app
+            .post(&format!("/change-requests/{id}/rollback"), &op, json!({}))
+            .await;
+        assert_eq!(r.assert_problem(409), "rollback_unsupported");
+        let now = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert_eq!(now["state"], json!("complete"));
+        assert_eq!(now["rollback"], Value::Null);
+        assert!(!trail(&app, &id)
+            .await
+            .iter()
+            .any(|t| t.starts_with("change_request.rollback")));
+        assert_eq!(keys(&seed, "svc-old").await, vec![pair(&keep, "Active")]);
+    }
+);
+
+both!(
+    lock_and_unlock_execute_and_roll_back,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        let iam = seed.iam();
+        let cid = emulated_connector(&app, &url).await;
+
+        // lock_iam_user: the deny-all NexplaneLock, and only the Active key deactivated.
+        seed.user("contractor").await;
+        let (on, _) = seed.access_key("contractor").await;
+        let (off, _) = seed.access_key("contractor").await;
+        seed.set_key_status("contractor", &off, "Inactive").await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "lock_iam_user",
+            json!({"iam_user": "contractor"}),
+        )
+        .await;
+        let done = execute_ok(
+            &app,
+            &op,
+            &id,
+            &["attach_lock_policy", "deactivate_active_keys"],
+        )
+        .await;
+        assert_eq!(
+            done["execution"]["outputs"]["deactivated_keys"],
+            json!([on])
+        );
+        let policies = inline_policies(&iam, "contractor").await;
+        assert_eq!(
+            policies.keys().collect::<Vec<_>>(),
+            ["NexplaneLock"],
+            "{policies:?}"
+        );
+        let statement = &policies["NexplaneLock"]["Statement"][0];
+        assert_eq!(
+            (
+                &statement["Effect"],
+                &statement["Action"],
+                &statement["Resource"]
+            ),
+            (&json!("Deny"), &json!("*"), &json!("*"))
+        );
+        assert_eq!(
+            keys(&seed, "contractor").await,
+            sorted(vec![pair(&on, "Inactive"), pair(&off, "Inactive")])
+        );
+        roll_back_ok(
+            &app,
+            &op,
+            &id,
+            &["reactivate_deactivated_keys", "remove_lock_policy"],
+        )
+        .await;
+        assert!(inline_policies(&iam, "contractor").await.is_empty());
+        assert_eq!(
+            keys(&seed, "contractor").await,
+            sorted(vec![pair(&on, "Active"), pair(&off, "Inactive")])
+        );
+
+        // unlock_iam_user: the lock goes, and the rollback puts back the very document.
+        seed.user("locked-out").await;
+        let document = deny("iam:*");
+        put_inline_policy(&iam, "locked-out", "NexplaneLock", &document).await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "unlock_iam_user",
+            json!({"iam_user": "locked-out"}),
+        )
+        .await;
+        execute_ok(&app, &op, &id, &["remove_lock_policy"]).await;
+        assert!(inline_policies(&iam, "locked-out").await.is_empty());
+        roll_back_ok(&app, &op, &id, &["restore_lock_policy"]).await;
+        let mut expected = BTreeMap::new();
+        expected.insert("NexplaneLock".to_owned(), document);
+        assert_eq!(inline_policies(&iam, "locked-out").await, expected);
+    }
+);
+
+both!(
+    policy_attachments_execute_and_roll_back,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        let cid = emulated_connector(&app, &url).await;
+        seed.user("deployer").await;
+        let read = seed.policy("np-read", "s3:Get*").await;
+        let write = seed.policy("np-write", "s3:Put*").await;
+        seed.attach_user_policy("deployer", &write).await;
+
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "attach_iam_user_policy",
+            json!({"iam_user": "deployer", "policy_arn": read}),
+        )
+        .await;
+        execute_ok(&app, &op, &id, &["attach_user_policy"]).await;
+        let mut both = vec![read.clone(), write.clone()];
+        both.sort();
+        assert_eq!(attached(&seed, "deployer").await, both);
+        roll_back_ok(&app, &op, &id, &["detach_user_policy"]).await;
+        assert_eq!(
+            attached(&seed, "deployer").await,
+            std::slice::from_ref(&write)
+        );
+
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "detach_iam_user_policy",
+            json!({"iam_user": "deployer", "policy_arn": write}),
+        )
+        .await;
+        execute_ok(&app, &op, &id, &["detach_user_policy"]).await;
+        assert!(attached(&seed, "deployer").await.is_empty());
+        roll_back_ok(&app, &op, &id, &["reattach_user_policy"]).await;
+        assert_eq!(
+            attached(&seed, "deployer").await,
+            std::slice::from_ref(&write)
+        );
+    }
+);
+
+both!(
+    instances_stop_start_and_roll_back,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        let cid = emulated_connector(&app, &url).await;
+        let (_, web) = running_instance(&seed, "web").await;
+        let (_, batch) = running_instance(&seed, "batch").await;
+        stopped_by_seeder(&seed, &batch).await;
+
+        let (id, op) =
+            approved_id(&app, &cid, "stop_ec2_instance", json!({"instance_id": web})).await;
+        let done = execute_ok(&app, &op, &id, &["stop_instance"]).await;
+        assert_eq!(
+            done["execution"]["outputs"]["instance_state"],
+            json!("stopped")
+        );
+        assert_eq!(instance_state(&seed, &web).await, "stopped");
+        roll_back_ok(&app, &op, &id, &["start_instance"]).await;
+        assert_eq!(instance_state(&seed, &web).await, "running");
+        assert_eq!(instance_state(&seed, &batch).await, "stopped", "untouched");
+
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "start_ec2_instance",
+            json!({"instance_id": batch, "region": REGION}),
+        )
+        .await;
+        let done = execute_ok(&app, &op, &id, &["start_instance"]).await;
+        assert_eq!(
+            done["execution"]["outputs"]["instance_state"],
+            json!("running")
+        );
+        assert_eq!(instance_state(&seed, &batch).await, "running");
+        roll_back_ok(&app, &op, &id, &["stop_instance"]).await;
+        assert_eq!(instance_state(&seed, &batch).await, "stopped");
+        assert_eq!(instance_state(&seed, &web).await, "running", "untouched");
+    }
+);
+
+both!(
+    ingress_rules_revoke_authorize_and_roll_back,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        let cid = emulated_connector(&app, &url).await;
+        let group = seed
+            .security_group(REGION, "bastion", 22, "10.0.0.0/8")
+            .await;
+        let ssh = "tcp 22-22 10.0.0.0/8".to_owned();
+        assert_eq!(ingress(&seed, &group).await, std::slice::from_ref(&ssh));
+
+        let rule = |port: i64, cidr: &str| {
+            json!({"group_id": group, "protocol": "tcp", "from_port": port, "to_port": port,
+                   "cidr": cidr})
+        };
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "revoke_security_group_ingress",
+            rule(22, "10.0.0.0/8"),
+        )
+        .await;
+        execute_ok(&app, &op, &id, &["revoke_ingress"]).await;
+        assert!(ingress(&seed, &group).await.is_empty());
+        roll_back_ok(&app, &op, &id, &["restore_ingress"]).await;
+        assert_eq!(ingress(&seed, &group).await, std::slice::from_ref(&ssh));
+
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "authorize_security_group_ingress",
+            rule(443, "0.0.0.0/0"),
+        )
+        .await;
+        execute_ok(&app, &op, &id, &["authorize_ingress"]).await;
+        assert_eq!(
+            ingress(&seed, &group).await,
+            [ssh.clone(), "tcp 443-443 0.0.0.0/0".to_owned()]
+        );
+        roll_back_ok(&app, &op, &id, &["remove_ingress"]).await;
+        assert_eq!(ingress(&seed, &group).await, std::slice::from_ref(&ssh));
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Prechecks
+
+/// Executes `id`, whose precheck must fail: `failed`, an error starting with `precheck
+/// failed:` and containing `why`, every step skipped, the job failed, and no rollback.
+async fn assert_precheck_fails(app: &TestApp, token: &str, id: &str, why: &str) {
+    let done = run(app, token, id, "execute").await;
+    assert_eq!(done["state"], json!("failed"), "{done}");
+    let error = done["execution"]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("precheck failed: "), "{done}");
+    assert!(error.contains(why), "{error:?} should say {why:?}");
+    let statuses: Vec<&str> = done["execution"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert!(!statuses.is_empty());
+    assert!(statuses.iter().all(|s| *s == "skipped"), "{done}");
+    let job = app
+        .get(
+            &format!("/jobs/{}", done["execution"]["job_id"].as_str().unwrap()),
+            token,
+        )
+        .await;
+    assert_eq!(job.body["status"], json!("failed"), "{}", job.text);
+    assert!(
+        job.body["error"].as_str().unwrap_or_default().contains(why),
+        "{}",
+        job.text
+    );
+    // Nothing was applied: nothing to roll back.
+    let r = app
+        .post(&format!("/change-requests/{id}/rollback"), token, json!({}))
+        .await;
+    assert_eq!(r.assert_problem(409), "invalid_transition");
+    let after = app.get(&format!("/change-requests/{id}"), token).await.body;
+    assert_eq!(after["state"], json!("failed"));
+    assert_eq!(after["rollback"], Value::Null);
+    let events = trail(app, id).await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("change_request.failed"),
+        "{events:?}"
+    );
+}
+
+both!(failed_prechecks_apply_nothing, |app: TestApp| async move {
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
+    let cid = emulated_connector(&app, &url).await;
+
+    // Rotate a user with two keys without saying which.
+    seed.user("two-keys").await;
+    let (k1, _) = seed.access_key("two-keys").await;
+    let (k2, _) = seed.access_key("two-keys").await;
+    let (id, op) = approved_id(
+        &app,
+        &cid,
+        "rotate_iam_access_key",
+        json!({"iam_user": "two-keys"}),
+    )
+    .await;
+    assert_precheck_fails(&app, &op, &id, "access_key_id").await;
+    assert_eq!(
+        keys(&seed, "two-keys").await,
+        sorted(vec![pair(&k1, "Active"), pair(&k2, "Active")])
+    );
+    let r = app
+        .post(
+            &format!("/change-requests/{id}/reveal-secrets"),
+            &op,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.assert_problem(409), "no_secret_outputs");
+
+    // Lock a user that does not exist.
+    let before = users(&seed).await;
+    let (id, op) = approved_id(&app, &cid, "lock_iam_user", json!({"iam_user": "ghost"})).await;
+    assert_precheck_fails(&app, &op, &id, "IAM user ghost does not exist").await;
+    assert_eq!(users(&seed).await, before);
+
+    // Delete a key that is still Active.
+    seed.user("in-use").await;
+    let (live, _) = seed.access_key("in-use").await;
+    let (id, op) = approved_id(
+        &app,
+        &cid,
+        "delete_iam_access_key",
+        json!({"iam_user": "in-use", "access_key_id": live}),
+    )
+    .await;
+    assert_precheck_fails(&app, &op, &id, "still Active").await;
+    assert_eq!(keys(&seed, "in-use").await, vec![pair(&live, "Active")]);
+
+    // Stop an instance that does not exist.
+    let (_, web) = running_instance(&seed, "web").await;
+    let (id, op) = approved_id(
+        &app,
+        &cid,
+        "stop_ec2_instance",
+        json!({"instance_id": "i-0123456789abcdef0"}),
+    )
+    .await;
+    assert_precheck_fails(&app, &op, &id, "i-0123456789abcdef0 not found").await;
+    assert_eq!(instance_state(&seed, &web).await, "running");
+});
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency, failures, retries
+
+both!(
+    concurrent_executes_share_one_job,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        seed.user("racer").await;
+        let (old, _) = seed.access_key("racer").await;
+        let cid = emulated_connector(&app, &url).await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "rotate_iam_access_key",
+            json!({"iam_user": "racer"}),
+        )
+        .await;
+        let (_, other_op) = app.user("operator").await;
+        let path = format!("/change-requests/{id}/execute");
+        let (a, b) = tokio::join!(
+            app.post(&path, &op, json!({})),
+            app.post(&path, &other_op, json!({}))
+        );
+        assert_eq!(
+            (a.status.as_u16(), b.status.as_u16()),
+            (202, 202),
+            "{} {}",
+            a.text,
+            b.text
+        );
+        let job = a.body["id"].as_str().unwrap().to_owned();
+        assert_eq!(b.body["id"], json!(job));
+        assert_eq!(b.header("location"), Some(format!("/jobs/{job}").as_str()));
+        app.wait_job(&job, 120).await;
+
+        let done = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        assert_eq!(done["state"], json!("complete"), "{done}");
+        assert_eq!(done["execution"]["job_id"], json!(job));
+        let started = app
+            .get(
+                &format!(
+                    "/audit?change_request_id={id}&event_type=change_request.execution_started"
+                ),
+                &app.admin_token,
+            )
+            .await;
+        assert_eq!(
+            started.body.as_array().unwrap().len(),
+            1,
+            "{}",
+            started.text
+        );
+        assert_eq!(
+            app.query(&format!(
+                "SELECT count(*) FROM jobs WHERE resource_id = '{id}'"
+            )),
+            ["1"]
+        );
+        let now = keys(&seed, "racer").await;
+        assert_eq!(now.len(), 2, "exactly one new key: {now:?}");
+        let new: Vec<&(String, String)> = now.iter().filter(|(k, _)| *k != old).collect();
+        assert_eq!(
+            new,
+            [&pair(
+                done["execution"]["outputs"]["new_access_key_id"]
+                    .as_str()
+                    .unwrap(),
+                "Active"
+            )]
+        );
+    }
+);
+
+/// A connector signing as `bot`, an emulator user allowed everything but `denied`; turns
+/// the emulator's authentication on. Returns the connector and an IAM client signing as the
+/// bot (the seeder's own credentials are unknown to the emulator once authentication is on).
+pub async fn connector_denied(
+    app: &TestApp,
+    seed: &Seeder,
+    url: &str,
+    bot: &str,
+    denied: &str,
+) -> (String, IamClient) {
+    let (key, secret) = seed.admin(bot).await;
+    put_inline_policy(&seed.iam(), bot, "NexplaneTestDeny", &deny(denied)).await;
+    moto::enable_auth(url).await;
+    let cid = connector_as(app, url, &key, &secret).await;
+    (cid, iam_as(url, &key, &secret))
+}
+
+both!(
+    a_refused_step_fails_and_rollback_undoes_the_applied_part,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        seed.user("contractor").await;
+        let (key, _) = seed.access_key("contractor").await;
+        // The provider refuses the lock's second step (deactivating the keys).
+        let (cid, iam) =
+            connector_denied(&app, &seed, &url, "nexplane-bot", "iam:UpdateAccessKey").await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "lock_iam_user",
+            json!({"iam_user": "contractor"}),
+        )
+        .await;
+
+        let done = run(&app, &op, &id, "execute").await;
+        assert_eq!(done["state"], json!("failed"), "{done}");
+        assert_eq!(
+            step_list(&done["execution"]),
+            [
+                "attach_lock_policy:succeeded",
+                "deactivate_active_keys:failed"
+            ]
+        );
+        let error = done["execution"]["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("step deactivate_active_keys failed: ")
+                && error.contains("AccessDenied"),
+            "{error}"
+        );
+        let failed_step = &done["execution"]["steps"][1];
+        assert!(
+            failed_step["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("AccessDenied")),
+            "{failed_step}"
+        );
+        assert!(failed_step["finished_at"].is_string());
+        // The first step was applied, the second was not.
+        assert!(inline_policies(&iam, "contractor")
+            .await
+            .contains_key("NexplaneLock"));
+        assert_eq!(keys_with(&iam, "contractor").await, [pair(&key, "Active")]);
+        // Executing again is not a way out.
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        assert_eq!(r.assert_problem(409), "invalid_transition");
+
+        // A failed execution with an applied step can be rolled back: every started step is
+        // undone, in reverse order.
+        roll_back_ok(
+            &app,
+            &op,
+            &id,
+            &["reactivate_deactivated_keys", "remove_lock_policy"],
+        )
+        .await;
+        assert!(inline_policies(&iam, "contractor").await.is_empty());
+        assert_eq!(keys_with(&iam, "contractor").await, [pair(&key, "Active")]);
+        assert_eq!(
+            since_execution(trail(&app, &id).await),
+            [
+                "change_request.execution_started",
+                "change_request.failed",
+                "change_request.rollback_started",
+                "change_request.rolledback"
+            ]
+        );
+    }
+);
+
+both!(
+    a_failed_rollback_is_retried_without_repeating_undone_steps,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        seed.user("prod-deploy").await;
+        let (old, _) = seed.access_key("prod-deploy").await;
+        // The provider will refuse the rollback's second undo step (deleting the new key).
+        let (cid, iam) =
+            connector_denied(&app, &seed, &url, "nexplane-bot", "iam:DeleteAccessKey").await;
+        let (id, op) = approved_id(
+            &app,
+            &cid,
+            "rotate_iam_access_key",
+            json!({"iam_user": "prod-deploy"}),
+        )
+        .await;
+        let done = execute_ok(
+            &app,
+            &op,
+            &id,
+            &["create_access_key", "deactivate_old_access_key"],
+        )
+        .await;
+        let new = done["execution"]["outputs"]["new_access_key_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        let failed = run(&app, &op, &id, "rollback").await;
+        assert_eq!(failed["state"], json!("rollback_failed"), "{failed}");
+        assert_eq!(
+            step_list(&failed["rollback"]),
+            [
+                "reactivate_old_access_key:succeeded",
+                "delete_new_access_key:failed"
+            ]
+        );
+        let error = failed["rollback"]["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("step delete_new_access_key failed: ")
+                && error.contains("AccessDenied"),
+            "{error}"
+        );
+        let first_job = failed["rollback"]["job_id"].as_str().unwrap().to_owned();
+        let job = app.get(&format!("/jobs/{first_job}"), &op).await;
+        assert_eq!(job.body["status"], json!("failed"), "{}", job.text);
+        assert_eq!(
+            keys_with(&iam, "prod-deploy").await,
+            sorted(vec![pair(&old, "Active"), pair(&new, "Active")])
+        );
+        // rollback_failed allows no execution.
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        assert_eq!(r.assert_problem(409), "invalid_transition");
+
+        // Someone fixes the permissions at the provider; the retry runs as a new job and does
+        // not run the undo step that already succeeded again.
+        iam.delete_user_policy(rusoto_iam::DeleteUserPolicyRequest {
+            policy_name: "NexplaneTestDeny".into(),
+            user_name: "nexplane-bot".into(),
+        })
+        .await
+        .unwrap();
+        app.clock.advance_secs(60);
+        let (_, other_op) = app.user("operator").await;
+        let back = roll_back_ok(
+            &app,
+            &other_op,
+            &id,
+            &["reactivate_old_access_key", "delete_new_access_key"],
+        )
+        .await;
+        assert_ne!(back["rollback"]["job_id"], json!(first_job));
+        assert_eq!(
+            back["rollback"]["steps"][0], failed["rollback"]["steps"][0],
+            "the reactivation is kept as it was, not run again"
+        );
+        assert_ne!(
+            back["rollback"]["steps"][1]["started_at"],
+            failed["rollback"]["steps"][1]["started_at"]
+        );
+        assert_eq!(keys_with(&iam, "prod-deploy").await, [pair(&old, "Active")]);
+        assert_eq!(
+            since_execution(trail(&app, &id).await),
+            [
+                "change_request.execution_started",
+                "change_request.completed",
+                "change_request.rollback_started",
+                "change_request.rollback_failed",
+                "change_request.rollback_started",
+                "change_request.rolledback"
+            ]
+        );
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// reveal-secrets
+
+both!(reveal_secrets_refusals, |app: TestApp| async move {
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
+    seed.user("prod-deploy").await;
+    let (key, _) = seed.access_key("prod-deploy").await;
+    let cid = emulated_connector(&app, &url).await;
+    let reveal = |id: String, token: String| {
+        let app = &app;
+        async move {
+            app.post(
+                &format!("/change-requests/{id}/reveal-secrets"),
+                &token,
+                json!({}),
+            )
+            .await
+        }
+    };
+
+    // Before execution there is nothing to reveal, even for an admin.
+    let (rotate, op) = approved_id(
+        &app,
+        &cid,
+        "rotate_iam_access_key",
+        json!({"iam_user": "prod-deploy"}),
+    )
+    .await;
+    for token in [&op, &app.admin_token] {
+        let r = reveal(rotate.clone(), token.clone()).await;
+        assert_eq!(r.assert_problem(409), "no_secret_outputs");
+    }
+
+    // A change type without secrets, executed.
+    let (deactivate, op2) = approved_id(
+        &app,
+        &cid,
+        "deactivate_iam_access_key",
+        json!({"iam_user": "prod-deploy", "access_key_id": key}),
+    )
+    .await;
+    execute_ok(&app, &op2, &deactivate, &["deactivate_access_key"]).await;
+    let r = reveal(deactivate.clone(), op2.clone()).await;
+    assert_eq!(r.assert_problem(409), "no_secret_outputs");
+    roll_back_ok(&app, &op2, &deactivate, &["reactivate_access_key"]).await;
+
+    // Executed: a viewer and an approver are refused, and their attempts destroy nothing.
+    execute_ok(
+        &app,
+        &op,
+        &rotate,
+        &["create_access_key", "deactivate_old_access_key"],
+    )
+    .await;
+    let (_, viewer) = app.user("viewer").await;
+    let (_, approver) = app.user("approver").await;
+    for token in [&viewer, &approver] {
+        let r = reveal(rotate.clone(), token.clone()).await;
+        assert_eq!(r.assert_problem(403), "forbidden");
+    }
+    // Unknown and malformed ids.
+    for bad in [
+        "cr_01jef8z7q3m4n5p6r7s8t9v0wx",
+        "nope",
+        "usr_01jef8z7q3m4n5p6r7s8t9v0wx",
+    ] {
+        reveal(bad.to_owned(), op.clone()).await.assert_problem(404);
+    }
+    assert!(app
+        .audit_of("change_request.secrets_revealed")
+        .await
+        .is_empty());
+    // The requester still gets the secret, once.
+    let r = reveal(rotate.clone(), op.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body
+            .as_object()
+            .map(|m| m.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["new_secret_access_key".to_owned()])
+    );
+    assert_eq!(
+        app.audit_of("change_request.secrets_revealed").await.len(),
+        1
+    );
+    reveal(rotate.clone(), op.clone()).await.assert_problem(410);
+});
