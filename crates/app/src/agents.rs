@@ -571,6 +571,34 @@ impl App {
         })
     }
 
+    /// Re-seals every agent secret and command snapshot under the sealer's current key (part
+    /// of `nexplane keys rotate-master`, inside its transaction). Returns how many values.
+    pub(crate) fn reseal_agent_secrets(&self, r: &mut dyn Repo) -> Result<usize, AppError> {
+        let mut n = 0;
+        let mut after = None;
+        loop {
+            let page = r.list_agents(&Page {
+                limit: 500,
+                after: after.clone(),
+            })?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.as_str().to_owned());
+            for mut a in page {
+                let secret = self.deps.sealer.open(&a.sealed_secret, a.id.as_str())?;
+                a.sealed_secret = self.deps.sealer.seal(&secret, a.id.as_str())?;
+                r.update_agent(&a)?;
+                n += 1;
+            }
+        }
+        for (id, sealed) in r.all_command_snapshots()? {
+            let aad = format!("{id}/snapshot");
+            let value = self.deps.sealer.open(&sealed, &aad)?;
+            r.set_command_snapshot(&id, &self.deps.sealer.seal(&value, &aad)?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Forgets the signatures of requests older than the skew window.
     pub fn forget_agent_signatures(&self) -> Result<u64, AppError> {
         let now = self.now();

@@ -476,6 +476,7 @@ impl App {
                 connectors.insert(id.clone());
             }
             let secrets = self.reseal_secret_outputs(r)?;
+            let agents = self.reseal_agent_secrets(r)?;
             self.audit(
                 r,
                 &RequestCtx::default(),
@@ -484,7 +485,8 @@ impl App {
                 "master_key",
                 Some(new_key_id),
                 json!({"credentials_resealed": all.len(), "connectors": connectors.len(),
-                    "secret_outputs_resealed": secrets, "via": "cli"}),
+                    "secret_outputs_resealed": secrets, "agent_values_resealed": agents,
+                    "via": "cli"}),
             )?;
             Ok(all.len())
         })

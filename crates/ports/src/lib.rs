@@ -366,6 +366,14 @@ pub trait Repo {
     ) -> Result<Vec<AgentCommand>, StoreError>;
     /// The agents that have at least one `queued` command (one query for all agents).
     fn agents_with_queued_commands(&mut self) -> Result<Vec<AgentId>, StoreError>;
+    /// Every sealed command snapshot (for re-sealing under a new master key).
+    fn all_command_snapshots(&mut self) -> Result<Vec<(CommandId, SealedValue)>, StoreError>;
+    /// Replaces a command's sealed snapshot.
+    fn set_command_snapshot(
+        &mut self,
+        id: &CommandId,
+        value: &SealedValue,
+    ) -> Result<(), StoreError>;
 }
 
 /// A database: runs closures inside transactions.

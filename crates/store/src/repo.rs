@@ -1317,6 +1317,37 @@ impl Repo for SqlRepo<'_> {
             .map(|id| AgentId::parse(&id).map_err(|e| crate::error::corrupt("agent_commands", e)))
             .collect()
     }
+
+    fn all_command_snapshots(&mut self) -> Result<Vec<(CommandId, SealedValue)>, StoreError> {
+        let r = agent_commands::table
+            .filter(agent_commands::sealed_snapshot.is_not_null())
+            .select((agent_commands::id, agent_commands::sealed_snapshot))
+            .order(agent_commands::id.asc())
+            .load::<(String, Option<String>)>(self.conn);
+        self.track(r)?
+            .into_iter()
+            .filter_map(|(id, v)| v.map(|v| (id, v)))
+            .map(|(id, v)| {
+                let id = CommandId::parse(&id)
+                    .map_err(|e| crate::error::corrupt("agent_commands", e))?;
+                Ok((id, SealedValue::new(v)))
+            })
+            .collect()
+    }
+
+    fn set_command_snapshot(
+        &mut self,
+        id: &CommandId,
+        value: &SealedValue,
+    ) -> Result<(), StoreError> {
+        let r = diesel::update(agent_commands::table.find(id.as_str()))
+            .set(agent_commands::sealed_snapshot.eq(Some(value.as_str())))
+            .execute(self.conn);
+        if self.track(r)? == 0 {
+            return Err(StoreError::Other(format!("no command {id}")));
+        }
+        Ok(())
+    }
 }
 
 fn credential_rows(id: &ConnectorId, credentials: &SealedCredentials) -> Vec<CredentialRow> {

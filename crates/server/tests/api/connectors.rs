@@ -731,6 +731,8 @@ both!(
         };
         let old = key_ids(&app);
         assert_eq!(old.len(), 1);
+        // An agent's secret is sealed under the master key too.
+        let agent = crate::agents::new_agent(&app).await;
 
         let cfg = app.config();
         let clock = app.clock.clone();
@@ -746,6 +748,12 @@ both!(
         assert!(kept.exists());
         let audit = app.audit_of("keys.master_rotated").await;
         assert_eq!(audit[0]["payload"]["credentials_resealed"], json!(4));
+        assert_eq!(audit[0]["payload"]["agent_values_resealed"], json!(1));
+        let agent_key = app.query("SELECT sealed_secret FROM agents");
+        assert_eq!(
+            agent_key[0].split('.').nth(1),
+            Some(rotation.new_key_id.as_str())
+        );
 
         // A restarted server opens the re-sealed credentials with the new key: the test reaches
         // the provider (and fails only because nobody listens there).
@@ -772,5 +780,15 @@ both!(
             r.text
         );
         assert_no_secret(&[r.text, audit_text(&app).await], &[KEY_ID, SECRET]);
+        // The agent still signs its requests with the secret it was given.
+        let r = agent
+            .send(
+                &app,
+                "POST",
+                "/agent/heartbeat",
+                json!({"version": "0.1.0"}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
     }
 );
