@@ -19,6 +19,11 @@ const CRYPTO: &str = "nexplane-crypto";
 const API: &str = "nexplane-api";
 const AWS: &str = "nexplane-aws";
 const SERVER: &str = "nexplane";
+const AGENT: &str = "nexplane-agent";
+
+const INV8: &str = "docs/architecture.md invariant 8 (the host agent stays small and \
+                    permissive): nexplane-agent, installed on managed hosts, links no GPL crate, \
+                    no HTTP server, no database and no AWS SDK, even transitively";
 
 const INV1: &str = "docs/architecture.md invariant 1 (the domain does no IO): nexplane-domain \
                     and nexplane-ports depend on no IO crate and no GPL crate, even \
@@ -248,6 +253,31 @@ fn assert_core_crate_is_pure(crate_name: &str) {
                     chain.join(" -> ")
                 ));
             }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_agent_links_no_gpl_crate_and_no_server_technology() {
+    const NOT_ON_HOSTS: &[&str] = &["actix*", "paperclip*", "diesel*", "rusoto*", "r2d2"];
+    let meta = metadata();
+    let pkg = workspace_package(meta, AGENT);
+    let mut problems = Vec::new();
+    for (dep, chain) in normal_closure(meta, &pkg.id) {
+        if let Some(pattern) = first_match(&dep.name, NOT_ON_HOSTS) {
+            problems.push(format!(
+                "{AGENT} depends on {} (matches `{pattern}`) via {}; {INV8}",
+                dep.name,
+                chain.join(" -> ")
+            ));
+        }
+        if let Some(license) = dep.license.as_deref().filter(|l| requires_gpl(l)) {
+            problems.push(format!(
+                "{AGENT} depends on {} licensed `{license}` via {}; {INV8}",
+                dep.name,
+                chain.join(" -> ")
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
