@@ -530,10 +530,7 @@ both!(
         assert_eq!(cr["state"], json!("rolledback"), "{cr}");
 
         // The snapshot (old file content) is stored sealed, never in the audit log.
-        let audit = app
-            .get("/audit?limit=500", &app.admin_token)
-            .await
-            .text;
+        let audit = app.get("/audit?limit=500", &app.admin_token).await.text;
         assert!(!audit.contains("b2xkIHNlY3JldCBjb250ZW50"));
         let db = app
             .query("SELECT sealed_snapshot FROM agent_commands WHERE sealed_snapshot IS NOT NULL")
