@@ -263,8 +263,8 @@ impl App {
             let sealed = r.get_secrets(&crid)?;
             if journal.secrets_revealed_at.is_some() || sealed.is_empty() {
                 return Err(AppError::Gone(format!(
-                    "the secret outputs of change request {id} were already revealed and \
-                     destroyed"
+                    "the secret outputs of change request {id} are gone: they are revealed \
+                     once, and destroyed when the change is rolled back"
                 )));
             }
             let mut values = BTreeMap::new();
@@ -536,6 +536,11 @@ impl App {
             let done = job.finish(worker, now, outcome).map_err(lease_error)?;
             r.update_job(&done)?;
             r.update_change_request(&next)?;
+            // A change rolled back leaves nothing its secrets could open (e.g. the new access
+            // key is deleted): secrets never revealed are destroyed with it.
+            if journal.kind == JournalKind::Rollback && success {
+                r.delete_secrets(&run.change_request_id)?;
+            }
             for e in &mut events {
                 e.payload["job_id"] = json!(run.job.id.as_str());
                 e.payload["outputs"] = Value::Object(journal.outputs.clone());

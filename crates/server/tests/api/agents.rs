@@ -647,3 +647,54 @@ both!(
         );
     }
 );
+
+both!(
+    a_command_queued_by_one_replica_reaches_a_poll_waiting_on_another,
+    |app: TestApp| async move {
+        // Replica B shares A's database; its job worker is stopped, so the execution job
+        // (and the command it queues) runs on A, and only B's watcher can wake the poll.
+        let b = nexplane::start(app.config(), app.clock.clone())
+            .await
+            .unwrap();
+        b.worker.stop();
+        b.worker.task.abort();
+        let b_base = format!("http://{}", b.addr);
+
+        let agent = new_agent(&app).await;
+        let (id, op) = approved_agent_change(
+            &app,
+            "agent_write_file",
+            json!({"agent_id": agent.id, "path": "/srv/app/z", "content": "z"}),
+        )
+        .await;
+        let path = "/agent/commands/next?wait=20";
+        let ts = app.clock.now().millis() / 1000;
+        let sig = nexplane_crypto::agent_signature(agent.secret.as_bytes(), "GET", path, ts, b"");
+        let poll = app
+            .client
+            .get(format!("{b_base}{path}"))
+            .header("x-nexplane-agent", &agent.id)
+            .header("x-nexplane-timestamp", ts.to_string())
+            .header("x-nexplane-signature", sig)
+            .send();
+        let poll = tokio::spawn(poll);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let r = app
+            .post(&format!("/change-requests/{id}/execute"), &op, json!({}))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        let started = std::time::Instant::now();
+        let got = poll.await.unwrap().unwrap();
+        assert_eq!(got.status(), 200);
+        let body: Value = got.json().await.unwrap();
+        assert_eq!(body["type"], json!("write_file"), "{body}");
+        // Woken by B's once-a-second watcher, not by the end of the 20 s wait.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        b.watcher.abort();
+        b.handle.stop(false).await;
+    }
+);

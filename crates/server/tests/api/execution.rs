@@ -1382,3 +1382,51 @@ both!(reveal_secrets_refusals, |app: TestApp| async move {
     );
     reveal(rotate.clone(), op.clone()).await.assert_problem(410);
 });
+
+both!(
+    secrets_never_revealed_are_destroyed_by_the_rollback,
+    |app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        seed.user("prod-deploy").await;
+        seed.access_key("prod-deploy").await;
+        let cid = emulated_connector(&app, &url).await;
+        let (cr, op) = approved(
+            &app,
+            &cid,
+            "rotate_iam_access_key",
+            json!({"iam_user": "prod-deploy"}),
+        )
+        .await;
+        let id = cr["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            run(&app, &op, &id, "execute").await["state"],
+            json!("complete")
+        );
+        assert_eq!(
+            app.query("SELECT name FROM change_request_secrets"),
+            vec!["new_secret_access_key".to_owned()]
+        );
+        assert_eq!(
+            run(&app, &op, &id, "rollback").await["state"],
+            json!("rolledback")
+        );
+        // The key it opened is deleted: its secret is gone too.
+        assert!(app
+            .query("SELECT name FROM change_request_secrets")
+            .is_empty());
+        let r = app
+            .post(
+                &format!("/change-requests/{id}/reveal-secrets"),
+                &op,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.assert_problem(410), "gone");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("rolled back"),
+            "{}",
+            r.text
+        );
+    }
+);
