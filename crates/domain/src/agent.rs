@@ -259,6 +259,36 @@ mod tests {
     }
 
     #[test]
+    fn status_is_online_within_90_seconds_of_a_heartbeat_and_revoked_wins() {
+        let a = Agent {
+            id: AgentId::new(t(0), 1),
+            name: "web".into(),
+            hostname: "web-1".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            version: "0.1.0".into(),
+            labels: serde_json::json!({}),
+            sealed_secret: SealedValue::new("v1.k.n.c".into()),
+            enrollment_token_id: EnrollmentTokenId::new(t(0), 2),
+            registered_at: t(0),
+            last_heartbeat_at: Some(t(0)),
+            revoked_at: None,
+        };
+        assert_eq!(a.status(t(90)), AgentStatus::Online);
+        assert_eq!(a.status(t(91)), AgentStatus::Offline);
+        let never = Agent {
+            last_heartbeat_at: None,
+            ..a.clone()
+        };
+        assert_eq!(never.status(t(1)), AgentStatus::Offline);
+        let revoked = Agent {
+            revoked_at: Some(t(1)),
+            ..a
+        };
+        assert_eq!(revoked.status(t(1)), AgentStatus::Revoked);
+    }
+
+    #[test]
     fn command_status_names_round_trip() {
         for s in ["queued", "dispatched", "succeeded", "failed", "cancelled"] {
             assert_eq!(CommandStatus::parse(s).unwrap().as_str(), s);
