@@ -224,7 +224,8 @@ both!(create_validate_edit_and_read, |app: TestApp| async move {
         )
         .await;
     r.assert_problem(422);
-    assert_eq!(fields(&r), ["connector_id"]);
+    // Both problems at once: agent types take no connector, and this agent does not exist.
+    assert_eq!(fields(&r), ["target.agent_id", "connector_id"]);
     // Unknown body fields.
     let mut bad = rotate_body(&prod);
     bad["targte"] = json!({});
