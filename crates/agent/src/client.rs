@@ -297,7 +297,18 @@ impl AgentClient {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<reqwest::Response, ApiError> {
-        let url = endpoint(&self.server, path_and_query)?;
+        // A random nonce in the (signed) query makes every request unique: the server refuses
+        // a signature it has seen before as a replay, and two identical requests in the same
+        // second (a poll right after a command, `status` while `run` heartbeats, a retried
+        // result) would otherwise carry the same signature.
+        let separator = if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let nonce: u128 = rand::random();
+        let path_and_query = format!("{path_and_query}{separator}nonce={nonce:032x}");
+        let url = endpoint(&self.server, &path_and_query)?;
         let timestamp = unix_now();
         let signature = nexplane_crypto::agent_signature(
             self.secret.expose().as_bytes(),

@@ -158,8 +158,17 @@ fn run_signs_every_call_and_reports_results_and_snapshots() {
         );
     }
     let poll = requests.iter().find(|r| r.method == "GET").unwrap();
-    assert_eq!(poll.target, "/np/agent/commands/next?wait=2");
+    let (path, nonce) = poll.target.split_once("&nonce=").unwrap();
+    assert_eq!(path, "/np/agent/commands/next?wait=2");
+    assert_eq!(nonce.len(), 32, "{}", poll.target);
     assert!(poll.body.is_empty());
+    // Every request is unique (a random nonce in the signed query), so two identical calls in
+    // the same second are never taken for a replay.
+    let mut targets: Vec<&str> = requests.iter().map(|r| r.target.as_str()).collect();
+    let n = targets.len();
+    targets.sort_unstable();
+    targets.dedup();
+    assert_eq!(targets.len(), n, "a request target repeated");
     let beat = requests
         .iter()
         .find(|r| r.path() == "/np/agent/heartbeat")

@@ -223,6 +223,9 @@ pub(crate) struct CommandResultRequest {
 pub(crate) struct NextQuery {
     /// Seconds to wait for a command (0 to 30, default 0).
     pub wait: Option<u64>,
+    /// Any unique string, at most 128 characters (otherwise ignored). Agents add one to every request so that two identical
+    /// requests in the same second do not carry the same signature (a replay).
+    pub nonce: Option<String>,
 }
 
 /// Keyset paging query.
@@ -513,6 +516,12 @@ pub(crate) async fn next_command(
     q: web::Query<NextQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let wait = q.wait.unwrap_or(0);
+    if q.nonce.as_ref().is_some_and(|n| n.len() > 128) {
+        return Err(
+            ApiError::from(AppError::field("nonce", "must be at most 128 characters"))
+                .with_request_id(ctx.0.request_id.clone()),
+        );
+    }
     if wait > MAX_WAIT_SECS {
         return Err(ApiError::from(AppError::field(
             "wait",

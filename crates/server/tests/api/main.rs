@@ -2,6 +2,7 @@
 //! PostgreSQL. Modules per area.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod agent_binary;
 mod agents;
 mod assets;
 mod audit;
