@@ -81,6 +81,15 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(binary: &Path, port: u16) -> Result<Self> {
+        Self::start_with_env(binary, port, &[])
+    }
+
+    /// [`Server::start`] with more environment variables (they win over the defaults here).
+    pub(crate) fn start_with_env(
+        binary: &Path,
+        port: u16,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -102,6 +111,7 @@ impl Server {
             .env("NEXPLANE_IP_RATE_LIMIT_PER_MINUTE", "100000000")
             .env("RUST_LOG", "warn")
             .env_remove("NEXPLANE_DATABASE_URL")
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .spawn();
         let child = match spawned {
@@ -116,6 +126,11 @@ impl Server {
             data_dir,
             base_url: format!("http://{bind}"),
         })
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {

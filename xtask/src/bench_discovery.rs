@@ -613,7 +613,7 @@ async fn check_inventory(
 
 /// Milliseconds since the Unix epoch of an RFC 3339 UTC timestamp as the API writes them
 /// (`2026-12-04T15:41:22.123Z`); `None` for anything else.
-fn epoch_millis(text: &str) -> Option<i64> {
+pub(crate) fn epoch_millis(text: &str) -> Option<i64> {
     let (date, time) = text.strip_suffix('Z')?.split_once('T')?;
     let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
     let (year, month, day) = (ymd.next()??, ymd.next()??, ymd.next()??);
@@ -643,18 +643,18 @@ fn count_logged_requests(log: &Path) -> Result<u64> {
         .count() as u64)
 }
 
-struct Api<'a> {
-    client: &'a reqwest::Client,
-    token: &'a str,
+pub(crate) struct Api<'a> {
+    pub(crate) client: &'a reqwest::Client,
+    pub(crate) token: &'a str,
 }
 
-struct Answer {
-    body: Value,
-    next_cursor: Option<String>,
+pub(crate) struct Answer {
+    pub(crate) body: Value,
+    pub(crate) next_cursor: Option<String>,
 }
 
 impl Api<'_> {
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: reqwest::Method,
         url: &str,

@@ -8,6 +8,8 @@
 //! - `cargo xtask bench auth`: compare the throughput of `GET /auth/me` with `GET /health`.
 //! - `cargo xtask bench discovery [--users N]`: time a discovery job of N IAM users in the AWS
 //!   emulator against a sequential boto3 script and against the emulator's own rate.
+//! - `cargo xtask bench agents [--agents N] [--commands M]`: the server's memory with N agents
+//!   long-polling, and the latency from dispatching a command to its agent receiving it.
 
 use std::ffi::OsStr;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -19,6 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 mod aws_emulator;
 mod bench;
+mod bench_agents;
 mod bench_discovery;
 
 const USAGE: &str = "\
@@ -32,6 +35,10 @@ commands:
   bench discovery [--users N]
                      discovery job of N IAM users (default 2000) in the AWS emulator vs a
                      sequential boto3 script and vs the emulator's request rate (release build)
+  bench agents [--agents N] [--commands M]
+                     N simulated agents (default 2000) long-polling the server: its memory
+                     (RSS) and the dispatch-to-receive latency of M commands (default 200)
+                     (release build)
 
 environment:
   NEXPLANE_TEST_DATABASE_URL  PostgreSQL for the tests (default postgres://postgres@localhost:5432/postgres)
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
         ["codegen", "--check"] => codegen(true),
         ["bench", "auth"] => bench::auth(),
         ["bench", "discovery", rest @ ..] => bench_discovery::discovery(rest),
+        ["bench", "agents", rest @ ..] => bench_agents::agents(rest),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");
             Ok(())
