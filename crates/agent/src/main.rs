@@ -30,8 +30,14 @@ enum Cmd {
         /// The control plane's URL, e.g. https://nexplane.example.com
         #[arg(long)]
         server: String,
-        /// The enrollment token (from `POST /agents/enrollment-tokens`).
-        #[arg(long, env = "NEXPLANE_ENROLLMENT_TOKEN", hide_env_values = true)]
+        /// The enrollment token (from `POST /agents/enrollment-tokens`). Tokens are base64url
+        /// and may start with `-`, so a value that looks like an option is taken as the token.
+        #[arg(
+            long,
+            env = "NEXPLANE_ENROLLMENT_TOKEN",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         token: String,
         /// Where to write the configuration.
         #[arg(long, default_value = nexplane_agent::DEFAULT_CONFIG_PATH)]
@@ -278,6 +284,31 @@ fn status(path: &Path) -> u8 {
         Err(e) => {
             println!("accepted: unknown, {e}");
             exit::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_that_starts_with_a_dash_is_taken_as_the_token() {
+        let cli = Cli::try_parse_from([
+            "nexplane-agent",
+            "enroll",
+            "--server",
+            "http://127.0.0.1:8000",
+            "--token",
+            "-Gx2_token",
+            "--config",
+            "/tmp/agent.toml",
+        ])
+        .unwrap();
+        match cli.command {
+            Cmd::Enroll { token, .. } => assert_eq!(token, "-Gx2_token"),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -484,8 +484,8 @@ impl App {
         })
     }
 
-    /// Hands the agent its oldest queued command (marked `dispatched`), if any. Counts as a
-    /// heartbeat too.
+    /// Hands the agent its oldest queued command (marked `dispatched`), if any. (Polls do not
+    /// count as heartbeats: an idle poll must not write to the database.)
     pub fn claim_agent_command(&self, agent: &Agent) -> Result<Option<AgentCommand>, AppError> {
         let now = self.now();
         transaction(self.store(), |r: &mut dyn Repo| {

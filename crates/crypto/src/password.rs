@@ -51,21 +51,87 @@ impl Argon2Hasher {
     }
 }
 
+/// Threads that run argon2 for the whole process.
+///
+/// Each hash allocates ~19 MiB; the C allocator keeps such a block in the arena of the thread
+/// that freed it. Hashing on whatever blocking thread served the request would leave up to
+/// one block per thread of the (large) blocking pool resident for ever; on two dedicated
+/// threads at most two stay. Two also bounds the CPU that logins can take.
+pub const HASH_THREADS: usize = 2;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+type Pool = std::sync::Mutex<std::sync::mpsc::Sender<Job>>;
+
+/// The process-wide hashing threads (started on first use); `None` when no thread could be
+/// started (the work then runs on the caller's thread).
+fn pool() -> Option<&'static Pool> {
+    static POOL: std::sync::OnceLock<Option<Pool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let started = (0..HASH_THREADS)
+            .filter(|i| {
+                let rx = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("argon2-{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    })
+                    .is_ok()
+            })
+            .count();
+        (started > 0).then(|| std::sync::Mutex::new(tx))
+    })
+    .as_ref()
+}
+
+/// Runs `f` on a hashing thread and waits for its result.
+fn on_hash_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CryptoError> + Send + 'static,
+) -> Result<T, CryptoError> {
+    let Some(pool) = pool() else {
+        return f();
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    pool.lock()
+        .map_err(|_| err("the argon2 threads are gone"))?
+        .send(job)
+        .map_err(|_| err("the argon2 threads are gone"))?;
+    rx.recv().map_err(|_| err("an argon2 thread failed"))?
+}
+
 impl PasswordHasher for Argon2Hasher {
     fn hash(&self, password: &SecretString) -> Result<PasswordHash, CryptoError> {
         let mut salt = [0u8; SALT_LEN];
         rand::rngs::OsRng
             .try_fill_bytes(&mut salt)
             .map_err(|_| err("the OS random number generator failed"))?;
-        argon2::hash_encoded(password.expose().as_bytes(), &salt, &Self::config())
-            .map(PasswordHash::new)
-            .map_err(|e| err(format!("argon2 hashing failed: {e}")))
+        let password = password.clone();
+        on_hash_thread(move || {
+            argon2::hash_encoded(password.expose().as_bytes(), &salt, &Self::config())
+                .map(PasswordHash::new)
+                .map_err(|e| err(format!("argon2 hashing failed: {e}")))
+        })
     }
 
     fn verify(&self, hash: &PasswordHash, password: &SecretString) -> Result<bool, CryptoError> {
         check_stored_params(hash.as_str())?;
-        argon2::verify_encoded(hash.as_str(), password.expose().as_bytes())
-            .map_err(|e| err(format!("unusable password hash: {e}")))
+        let (hash, password) = (hash.clone(), password.clone());
+        on_hash_thread(move || {
+            argon2::verify_encoded(hash.as_str(), password.expose().as_bytes())
+                .map_err(|e| err(format!("unusable password hash: {e}")))
+        })
     }
 }
 
