@@ -81,7 +81,45 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The glibc tunable the server runs with: allocations of 1 MiB and more are mapped and
+/// unmapped on their own.
+const MALLOC_TUNABLE: &str = "glibc.malloc.mmap_threshold=1048576";
+
+/// Restarts the process (same pid, arguments and environment) with [`MALLOC_TUNABLE`] unless it
+/// is already set. Every login hashes with argon2 (19 MiB); glibc raises its mmap threshold to
+/// the largest block freed, so later blocks come from the heap and stay resident: an idle
+/// server grew by ~20 MB per concurrent login. A fixed threshold gives them back at once.
+/// Tunables are read only at process start, hence the exec. Set `GLIBC_TUNABLES` yourself
+/// (any value naming `glibc.malloc.mmap_threshold`) to choose otherwise.
+#[cfg(target_os = "linux")]
+fn ensure_malloc_tunable() {
+    use std::os::unix::process::CommandExt;
+    const VAR: &str = "GLIBC_TUNABLES";
+    let current = std::env::var(VAR).unwrap_or_default();
+    if current.contains("glibc.malloc.mmap_threshold") {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let value = if current.is_empty() {
+        MALLOC_TUNABLE.to_owned()
+    } else {
+        format!("{current}:{MALLOC_TUNABLE}")
+    };
+    // Returns only when the exec failed; the server then runs with the default allocator
+    // settings.
+    let _ = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(VAR, value)
+        .exec();
+}
+
+#[cfg(not(target_os = "linux"))]
+fn ensure_malloc_tunable() {}
+
 fn main() -> ExitCode {
+    ensure_malloc_tunable();
     let cli = Cli::parse();
     if let Some(Command::Openapi) = cli.command {
         let spec = nexplane_api::openapi::openapi_spec();
