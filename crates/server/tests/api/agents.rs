@@ -389,32 +389,10 @@ pub async fn approved_agent_change(
     change_type: &str,
     target: Value,
 ) -> (String, String) {
-    let (_, op) = app.user("operator").await;
-    let r = app
-        .post(
-            "/change-requests",
-            &op,
-            json!({"title": format!("{change_type} on a host"), "change_type": change_type, "target": target}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text);
-    let id = r.body["id"].as_str().unwrap().to_owned();
-    let r = app
-        .post(&format!("/change-requests/{id}/submit"), &op, json!({}))
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    for _ in 0..r.body["required_approvals"].as_u64().unwrap() {
-        let (_, approver) = app.user("approver").await;
-        let r = app
-            .post(
-                &format!("/change-requests/{id}/approve"),
-                &approver,
-                json!({}),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-    }
-    (id, op)
+    let body = json!({"title": format!("{change_type} on a host"), "change_type": change_type,
+                      "target": target});
+    let (cr, op) = crate::execution::approved_body(app, body).await;
+    (cr["id"].as_str().unwrap().to_owned(), op)
 }
 
 /// Long-polls until a command arrives (at most `secs`).

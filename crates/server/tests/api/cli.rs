@@ -17,14 +17,6 @@ fn bin() -> Command {
     c
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn openapi_prints_the_document() {
     let out = bin().arg("openapi").output().unwrap();

@@ -10,7 +10,10 @@
 //! it does the same to the rollback, killing it at the same point of the undo of that step.
 //! 2 steps × 3 points, execution and rollback: the 12 points.
 
-use crate::harness::{Backend, Resp, TestApp, ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD};
+use crate::harness::{
+    free_port, fresh_pg_database, query_database, Backend, Resp, TestApp, ADMIN_EMAIL,
+    ADMIN_PASSWORD, USER_PASSWORD,
+};
 use crate::moto::{self, Seeder};
 use reqwest::StatusCode;
 use rusoto_core::signature::SignedRequest;
@@ -22,7 +25,6 @@ use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// `NEXPLANE_JOB_LEASE_SECONDS` of every server here (the smallest allowed).
@@ -32,43 +34,6 @@ const FINISH_WITHIN: Duration = Duration::from_secs(LEASE_SECS + 15);
 const IAM_USER: &str = "prod-deploy";
 /// The file (in the data dir) a paused worker writes its pause point to.
 const PAUSE_MARKER: &str = "paused-at";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A new, empty PostgreSQL database (as `harness` makes them); returns its URL.
-fn fresh_pg_database() -> String {
-    let admin = crate::harness::pg_admin_url();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let name = format!(
-        "nexplane_crash_{}_{}_{nanos:x}",
-        std::process::id(),
-        DB_COUNTER.fetch_add(1, Ordering::SeqCst)
-    );
-    let out = Command::new("psql")
-        .arg(&admin)
-        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output()
-        .expect("psql must be installed to create test databases");
-    assert!(
-        out.status.success(),
-        "PostgreSQL at {admin} is required: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let i = admin.rfind('/').expect("bad NEXPLANE_TEST_DATABASE_URL");
-    format!("{}/{}", &admin[..i], name)
-}
 
 /// A running `nexplane serve`; killed (SIGKILL) when dropped, also when a test panics.
 struct Process {
@@ -116,32 +81,7 @@ impl Node {
 
     /// Runs a query on this node's database: one line per row, columns separated by `|`.
     fn query(&self, statement: &str) -> Vec<String> {
-        let out = match self.backend {
-            Backend::Postgres => Command::new("psql")
-                .arg(&self.database_url)
-                .args(["-v", "ON_ERROR_STOP=1", "-q", "-A", "-t", "-c", statement])
-                .output()
-                .unwrap(),
-            Backend::Sqlite => {
-                let path = self.database_url.trim_start_matches("sqlite://");
-                let script = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
-                    for row in c.execute(sys.argv[2]): print('|'.join(str(v) for v in row))";
-                Command::new("python3")
-                    .args(["-c", script, path, statement])
-                    .output()
-                    .unwrap()
-            }
-        };
-        assert!(
-            out.status.success(),
-            "query failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect()
+        query_database(self.backend, &self.database_url, statement)
     }
 
     /// How many times each step of a stored journal was started, and how many times its job

@@ -53,15 +53,18 @@ pub async fn approved(
     change_type: &str,
     target: Value,
 ) -> (Value, String) {
+    approved_body(
+        app,
+        json!({"title": format!("{change_type} test"), "connector_id": connector_id,
+               "change_type": change_type, "target": target}),
+    )
+    .await
+}
+
+/// [`approved`] for any create body (e.g. an agent change type, without a connector).
+pub async fn approved_body(app: &TestApp, body: Value) -> (Value, String) {
     let (_, op) = app.user("operator").await;
-    let r = app
-        .post(
-            "/change-requests",
-            &op,
-            json!({"title": format!("{change_type} test"), "connector_id": connector_id,
-                   "change_type": change_type, "target": target}),
-        )
-        .await;
+    let r = app.post("/change-requests", &op, body).await;
     assert_eq!(r.status, 201, "{}", r.text);
     let id = r.body["id"].as_str().unwrap().to_owned();
     let r = app

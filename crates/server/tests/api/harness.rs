@@ -53,7 +53,8 @@ pub fn pg_admin_url() -> String {
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn fresh_pg_database() -> String {
+/// A new, empty PostgreSQL database for one test server; its URL.
+pub fn fresh_pg_database() -> String {
     let admin = pg_admin_url();
     let name = format!(
         "nexplane_test_{}_{}_{}",
@@ -76,6 +77,46 @@ fn fresh_pg_database() -> String {
         Some(i) => format!("{}/{}", &admin[..i], name),
         None => panic!("bad NEXPLANE_TEST_DATABASE_URL {admin}"),
     }
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a query against a test database and returns its rows, one line each, columns
+/// separated by `|` (NULL as an empty column).
+pub fn query_database(backend: Backend, database_url: &str, statement: &str) -> Vec<String> {
+    let out = match backend {
+        Backend::Postgres => std::process::Command::new("psql")
+            .arg(database_url)
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-A", "-t", "-c", statement])
+            .output()
+            .unwrap(),
+        Backend::Sqlite => {
+            let path = database_url.trim_start_matches("sqlite://").to_owned();
+            let script = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
+                for row in c.execute(sys.argv[2]): print('|'.join('' if v is None else str(v) for v in row))";
+            std::process::Command::new("python3")
+                .args(["-c", script, &path, statement])
+                .output()
+                .unwrap()
+        }
+    };
+    assert!(
+        out.status.success(),
+        "query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn rand_suffix() -> String {
@@ -227,32 +268,7 @@ impl TestApp {
     /// Runs a query against this test's database and returns its rows, one line each, columns
     /// separated by `|`.
     pub fn query(&self, statement: &str) -> Vec<String> {
-        let out = match self.backend {
-            Backend::Postgres => std::process::Command::new("psql")
-                .arg(&self.database_url)
-                .args(["-v", "ON_ERROR_STOP=1", "-q", "-A", "-t", "-c", statement])
-                .output()
-                .unwrap(),
-            Backend::Sqlite => {
-                let path = self.database_url.trim_start_matches("sqlite://").to_owned();
-                let script = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
-                    for row in c.execute(sys.argv[2]): print('|'.join('' if v is None else str(v) for v in row))";
-                std::process::Command::new("python3")
-                    .args(["-c", script, &path, statement])
-                    .output()
-                    .unwrap()
-            }
-        };
-        assert!(
-            out.status.success(),
-            "query failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect()
+        query_database(self.backend, &self.database_url, statement)
     }
 
     /// Polls `GET /jobs/{id}` until the job has finished (at most `secs` seconds).

@@ -7,6 +7,7 @@
 //! for everyone, so the tests that use it take turns: each takes the emulator, resets it and
 //! switches request authentication off.
 
+use crate::harness::free_port;
 use rusoto_core::{Client, HttpClient, Region};
 use rusoto_credential::StaticProvider;
 use rusoto_ec2::Ec2;
@@ -26,14 +27,6 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn is_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A POST to the emulator's control API, e.g. `/moto-api/reset`.
