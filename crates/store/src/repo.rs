@@ -25,6 +25,28 @@ use nexplane_ports::{
 };
 use std::collections::BTreeMap;
 
+/// The row of `$table` with primary key `$id` as `$row`, locked until the end of the
+/// transaction: `FOR UPDATE` on PostgreSQL; on SQLite the IMMEDIATE transaction holds the
+/// database's write lock already. Evaluates to `Result<Option<$row>, StoreError>`.
+macro_rules! find_locked {
+    ($self:ident, $table:ident, $row:ty, $id:expr) => {{
+        let r = match &mut *$self.conn {
+            DbConn::Pg(c) => $table::table
+                .find($id)
+                .select(<$row>::as_select())
+                .for_update()
+                .first(c)
+                .optional(),
+            DbConn::Sqlite(c) => $table::table
+                .find($id)
+                .select(<$row>::as_select())
+                .first(c)
+                .optional(),
+        };
+        $self.track(r)
+    }};
+}
+
 diesel::define_sql_function! {
     /// SQL `lower(text)`, the same on both backends.
     fn lower(x: diesel::sql_types::Text) -> diesel::sql_types::Text;
@@ -438,18 +460,7 @@ impl Repo for SqlRepo<'_> {
     }
 
     fn lock_connector(&mut self, id: &ConnectorId) -> Result<Option<Connector>, StoreError> {
-        macro_rules! query {
-            () => {
-                connectors::table
-                    .find(id.as_str())
-                    .select(ConnectorRow::as_select())
-            };
-        }
-        let r = match &mut *self.conn {
-            DbConn::Pg(c) => query!().for_update().first(c).optional(),
-            DbConn::Sqlite(c) => query!().first(c).optional(),
-        };
-        let row = self.track(r)?;
+        let row = find_locked!(self, connectors, ConnectorRow, id.as_str())?;
         self.one_connector(row)
     }
 
@@ -575,16 +586,9 @@ impl Repo for SqlRepo<'_> {
     }
 
     fn lock_job(&mut self, id: &JobId) -> Result<Option<Job>, StoreError> {
-        macro_rules! query {
-            () => {
-                jobs::table.find(id.as_str()).select(JobRow::as_select())
-            };
-        }
-        let r = match &mut *self.conn {
-            DbConn::Pg(c) => query!().for_update().first(c).optional(),
-            DbConn::Sqlite(c) => query!().first(c).optional(),
-        };
-        self.track(r)?.map(Job::try_from).transpose()
+        find_locked!(self, jobs, JobRow, id.as_str())?
+            .map(Job::try_from)
+            .transpose()
     }
 
     fn update_job(&mut self, job: &Job) -> Result<(), StoreError> {
@@ -842,18 +846,9 @@ impl Repo for SqlRepo<'_> {
         &mut self,
         id: &ChangeRequestId,
     ) -> Result<Option<ChangeRequest>, StoreError> {
-        macro_rules! query {
-            () => {
-                change_requests::table
-                    .find(id.as_str())
-                    .select(ChangeRequestRow::as_select())
-            };
-        }
-        let r = match &mut *self.conn {
-            DbConn::Pg(c) => query!().for_update().first(c).optional(),
-            DbConn::Sqlite(c) => query!().first(c).optional(),
-        };
-        self.track(r)?.map(ChangeRequest::try_from).transpose()
+        find_locked!(self, change_requests, ChangeRequestRow, id.as_str())?
+            .map(ChangeRequest::try_from)
+            .transpose()
     }
 
     fn list_change_requests(
@@ -1218,19 +1213,9 @@ impl Repo for SqlRepo<'_> {
     }
 
     fn lock_command(&mut self, id: &CommandId) -> Result<Option<AgentCommand>, StoreError> {
-        macro_rules! query {
-            () => {
-                agent_commands::table
-                    .find(id.as_str())
-                    .select(CommandRow::as_select())
-            };
-        }
-        let r = match &mut *self.conn {
-            DbConn::Pg(c) => query!().for_update().first(c).optional(),
-            // The IMMEDIATE transaction holds the database's write lock already.
-            DbConn::Sqlite(c) => query!().first(c).optional(),
-        };
-        self.track(r)?.map(AgentCommand::try_from).transpose()
+        find_locked!(self, agent_commands, CommandRow, id.as_str())?
+            .map(AgentCommand::try_from)
+            .transpose()
     }
 
     fn find_job_command(
