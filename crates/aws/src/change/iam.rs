@@ -862,25 +862,7 @@ pub(super) async fn deactivate_keys(
 ) -> Result<StepOutcome, ChangeError> {
     let user = t.str("iam_user")?;
     let wanted = c.strings("keys_to_deactivate")?;
-    let mut deactivated = Vec::new();
-    let mut already = Vec::new();
-    let mut gone = Vec::new();
-    if !wanted.is_empty() {
-        let keys = user_keys(env, user).await?;
-        for id in wanted {
-            match keys.iter().find(|k| k.id == id) {
-                None => gone.push(id),
-                Some(k) if k.status == INACTIVE => already.push(id),
-                Some(_) => {
-                    if update_key(env, user, &id, INACTIVE).await? {
-                        deactivated.push(id);
-                    } else {
-                        gone.push(id);
-                    }
-                }
-            }
-        }
-    }
+    let (deactivated, already, gone) = set_keys_status(env, user, wanted, INACTIVE).await?;
     let mut detail = if deactivated.is_empty() {
         format!("no access key of IAM user {user} needed deactivating")
     } else {
@@ -904,6 +886,35 @@ pub(super) async fn deactivate_keys(
     Ok(result)
 }
 
+/// Sets each of `wanted` (access keys of `user`) to `status`. Returns the keys changed, the
+/// keys that already had that status, and the keys that no longer exist.
+async fn set_keys_status(
+    env: &Env<'_>,
+    user: &str,
+    wanted: Vec<String>,
+    status: &str,
+) -> Result<(Vec<String>, Vec<String>, Vec<String>), ChangeError> {
+    let (mut changed, mut already, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+    if wanted.is_empty() {
+        return Ok((changed, already, gone));
+    }
+    let keys = user_keys(env, user).await?;
+    for id in wanted {
+        match keys.iter().find(|k| k.id == id) {
+            None => gone.push(id),
+            Some(k) if k.status == status => already.push(id),
+            Some(_) => {
+                if update_key(env, user, &id, status).await? {
+                    changed.push(id);
+                } else {
+                    gone.push(id);
+                }
+            }
+        }
+    }
+    Ok((changed, already, gone))
+}
+
 /// Undo `reactivate_deactivated_keys`: sets the keys the lock deactivated Active again
 /// (every key recorded at the precheck when the step did not finish).
 pub(super) async fn reactivate_keys(
@@ -921,23 +932,7 @@ pub(super) async fn reactivate_keys(
             "no access key of IAM user {user} was deactivated: nothing to undo"
         )));
     }
-    let keys = user_keys(env, user).await?;
-    let mut reactivated = Vec::new();
-    let mut active = Vec::new();
-    let mut gone = Vec::new();
-    for id in wanted {
-        match keys.iter().find(|k| k.id == id) {
-            None => gone.push(id),
-            Some(k) if k.status == ACTIVE => active.push(id),
-            Some(_) => {
-                if update_key(env, user, &id, ACTIVE).await? {
-                    reactivated.push(id);
-                } else {
-                    gone.push(id);
-                }
-            }
-        }
-    }
+    let (reactivated, active, gone) = set_keys_status(env, user, wanted, ACTIVE).await?;
     let mut detail = if reactivated.is_empty() {
         format!("no access key of IAM user {user} needed reactivating: nothing to undo")
     } else {
