@@ -284,7 +284,7 @@ impl App {
         transaction(self.store(), |r: &mut dyn Repo| {
             let mut agent = r.get_agent(&aid)?.ok_or_else(|| agent_not_found(id))?;
             if agent.revoked_at.is_some() {
-                return Ok(());
+                return Ok::<_, AppError>(());
             }
             agent.revoked_at = Some(now);
             r.update_agent(&agent)?;
@@ -306,7 +306,10 @@ impl App {
                        "cancelled_commands": open.iter().map(|c| c.id.as_str()).collect::<Vec<_>>()}),
             )?;
             Ok(())
-        })
+        })?;
+        // Wake the agent's waiting poll (if on this process) so it learns at once.
+        self.command_queued(&aid);
+        Ok(())
     }
 
     /// `POST /agent/register`: consumes one use of the enrollment token (atomically) and
@@ -489,6 +492,12 @@ impl App {
     pub fn claim_agent_command(&self, agent: &Agent) -> Result<Option<AgentCommand>, AppError> {
         let now = self.now();
         transaction(self.store(), |r: &mut dyn Repo| {
+            // A poll that was waiting when its agent was revoked is woken and ends here.
+            if r.get_agent(&agent.id)?
+                .is_none_or(|a| a.revoked_at.is_some())
+            {
+                return Err(unauthorized("the agent was revoked"));
+            }
             let Some(mut c) = r.next_queued_command(&agent.id)? else {
                 return Ok(None);
             };

@@ -676,3 +676,32 @@ both!(
         b.handle.stop(false).await;
     }
 );
+
+both!(
+    revoking_an_agent_ends_its_waiting_poll_with_401,
+    |app: TestApp| async move {
+        let agent = new_agent(&app).await;
+        let app = std::sync::Arc::new(app);
+        let (a, ag) = (
+            app.clone(),
+            TestAgent {
+                id: agent.id.clone(),
+                secret: agent.secret.clone(),
+            },
+        );
+        let poll = tokio::spawn(async move {
+            ag.send(&a, "GET", "/agent/commands/next?wait=20", Value::Null)
+                .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        let r = app
+            .delete(&format!("/agents/{}", agent.id), &app.admin_token)
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text);
+        let r = poll.await.unwrap();
+        r.assert_problem(401);
+        assert!(r.text.contains("revoked"), "{}", r.text);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+);
