@@ -4,7 +4,7 @@
 //! the provider as it was), steps resumed after an interruption, and undo steps whose step
 //! never happened.
 
-use super::{enable_auth, free_port, fresh_moto, target, Seeder, ACCOUNT, KEY_ID, SECRET};
+use super::{target, KEY_ID, SECRET};
 use nexplane_aws::{AwsProvider, LOCK_POLICY_DOCUMENT, LOCK_POLICY_NAME};
 use nexplane_domain::change_type::{builtin_catalog, ConnectorType};
 use nexplane_domain::execution::plan;
@@ -12,9 +12,8 @@ use nexplane_domain::SecretString;
 use nexplane_ports::cloud::{
     ChangeError, ChangeProvider, CloudTarget, Prechecked, StepCall, StepOutcome,
 };
-use rusoto_ec2::Ec2;
-use rusoto_iam::Iam;
-use rusoto_sts::Sts;
+use nexplane_testing::free_port;
+use nexplane_testing::moto::{self, Rule, Seeder, ACCOUNT};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -176,190 +175,7 @@ fn assert_hidden(secret: &str, texts: &[String]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reading the provider's state with the seeding client
-
-type Rule = (String, i64, i64, String);
-
-impl Seeder {
-    fn sts_as(&self, key: &str, secret: &str) -> rusoto_sts::StsClient {
-        let seeder = Seeder::new(&self.url, key, secret);
-        rusoto_sts::StsClient::new_with_client(seeder.client, self.region("us-east-1"))
-    }
-
-    /// Whom a key/secret pair signs as (checks the secret when authentication is on).
-    async fn caller_arn(&self, key: &str, secret: &str) -> Result<String, String> {
-        self.sts_as(key, secret)
-            .get_caller_identity(rusoto_sts::GetCallerIdentityRequest {})
-            .await
-            .map(|identity| identity.arn.unwrap_or_default())
-            .map_err(|e| e.to_string())
-    }
-
-    /// `(access key id, status)` of every key of a user, sorted.
-    async fn keys(&self, user: &str) -> Vec<(String, String)> {
-        let mut keys: Vec<(String, String)> = self
-            .iam()
-            .list_access_keys(rusoto_iam::ListAccessKeysRequest {
-                user_name: Some(user.into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .access_key_metadata
-            .into_iter()
-            .map(|k| (k.access_key_id.unwrap(), k.status.unwrap()))
-            .collect();
-        keys.sort();
-        keys
-    }
-
-    async fn set_key_status(&self, user: &str, key: &str, status: &str) {
-        self.iam()
-            .update_access_key(rusoto_iam::UpdateAccessKeyRequest {
-                access_key_id: key.into(),
-                status: status.into(),
-                user_name: Some(user.into()),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// Inline policy names and documents of a user.
-    async fn inline_policies(&self, user: &str) -> BTreeMap<String, Value> {
-        let iam = self.iam();
-        let names = iam
-            .list_user_policies(rusoto_iam::ListUserPoliciesRequest {
-                user_name: user.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .policy_names;
-        let mut out = BTreeMap::new();
-        for name in names {
-            let document = iam
-                .get_user_policy(rusoto_iam::GetUserPolicyRequest {
-                    policy_name: name.clone(),
-                    user_name: user.into(),
-                })
-                .await
-                .unwrap()
-                .policy_document;
-            out.insert(name, serde_json::from_str(&document).unwrap());
-        }
-        out
-    }
-
-    async fn put_inline_policy(&self, user: &str, name: &str, document: &Value) {
-        self.iam()
-            .put_user_policy(rusoto_iam::PutUserPolicyRequest {
-                policy_document: document.to_string(),
-                policy_name: name.into(),
-                user_name: user.into(),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// ARNs of the managed policies attached to a user, sorted.
-    async fn attached(&self, user: &str) -> Vec<String> {
-        let mut arns: Vec<String> = self
-            .iam()
-            .list_attached_user_policies(rusoto_iam::ListAttachedUserPoliciesRequest {
-                user_name: user.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .attached_policies
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|p| p.policy_arn)
-            .collect();
-        arns.sort();
-        arns
-    }
-
-    /// Everything an IAM change may touch on a user.
-    async fn user_state(&self, user: &str) -> Value {
-        json!({
-            "keys": self.keys(user).await,
-            "inline": self.inline_policies(user).await,
-            "attached": self.attached(user).await,
-        })
-    }
-
-    async fn user_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .iam()
-            .list_users(rusoto_iam::ListUsersRequest::default())
-            .await
-            .unwrap()
-            .users
-            .into_iter()
-            .map(|u| u.user_name)
-            .collect();
-        names.sort();
-        names
-    }
-
-    async fn instance_state(&self, region: &str, id: &str) -> String {
-        self.ec2(region)
-            .describe_instances(rusoto_ec2::DescribeInstancesRequest {
-                instance_ids: Some(vec![id.into()]),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .reservations
-            .unwrap()
-            .into_iter()
-            .flat_map(|r| r.instances.unwrap())
-            .find(|i| i.instance_id.as_deref() == Some(id))
-            .unwrap()
-            .state
-            .unwrap()
-            .name
-            .unwrap()
-    }
-
-    async fn stop_instance(&self, region: &str, id: &str) {
-        self.ec2(region)
-            .stop_instances(rusoto_ec2::StopInstancesRequest {
-                instance_ids: vec![id.into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-
-    /// `(protocol, from, to, cidr)` of every IPv4 ingress rule of a group, sorted.
-    async fn ingress(&self, region: &str, group: &str) -> Vec<Rule> {
-        let groups = self
-            .ec2(region)
-            .describe_security_groups(rusoto_ec2::DescribeSecurityGroupsRequest {
-                group_ids: Some(vec![group.into()]),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .security_groups
-            .unwrap();
-        let mut rules = Vec::new();
-        for permission in groups[0].ip_permissions.clone().unwrap_or_default() {
-            for range in permission.ip_ranges.clone().unwrap_or_default() {
-                rules.push((
-                    permission.ip_protocol.clone().unwrap(),
-                    permission.from_port.unwrap_or(-1),
-                    permission.to_port.unwrap_or(-1),
-                    range.cidr_ip.unwrap(),
-                ));
-            }
-        }
-        rules.sort();
-        rules
-    }
-}
+// Expected state, as the seeding client reads it
 
 fn rule(protocol: &str, from: i64, to: i64, cidr: &str) -> Rule {
     (protocol.into(), from, to, cidr.into())
@@ -445,21 +261,16 @@ async fn the_adapter_runs_exactly_the_eleven_aws_change_types() {
 
 #[tokio::test]
 async fn rotate_iam_access_key_creates_a_usable_key_and_rolls_back() {
-    let (_turn, url) = fresh_moto().await;
-    let boot = Seeder::new(&url, KEY_ID, SECRET);
-    let admin = boot.admin("np-admin").await;
+    let (_turn, url) = moto::take().await;
+    let boot = Seeder::new(&url);
+    let (admin_key, admin_secret) = boot.admin("np-admin").await;
     let user_arn = boot.user("np-rotate").await;
-    let old = boot.access_key("np-rotate").await.access_key_id;
+    let old = boot.access_key("np-rotate").await.0;
     // From here on the emulator checks every signature: the new secret must really work.
-    enable_auth(&url);
-    let seed = Seeder::new(&url, &admin.access_key_id, &admin.secret_access_key);
+    moto::enable_auth(&url).await;
+    let seed = Seeder::with_key(&url, &admin_key, &admin_secret);
     let provider = AwsProvider::new();
-    let conn = target(
-        &url,
-        json!({}),
-        &admin.access_key_id,
-        &admin.secret_access_key,
-    );
+    let conn = target(&url, json!({}), &admin_key, &admin_secret);
     let change = Change::new(
         &provider,
         &conn,
@@ -529,7 +340,7 @@ async fn rotate_iam_access_key_creates_a_usable_key_and_rolls_back() {
     // Credentials the provider refuses are a provider error, not a refusal, and the error
     // shows neither the secret tried nor the new one.
     let wrong = "WrongSecretValue/For+NexplaneTests0123456789";
-    let bad = target(&url, json!({}), &admin.access_key_id, wrong);
+    let bad = target(&url, json!({}), &admin_key, wrong);
     let err = Change::new(
         &provider,
         &bad,
@@ -550,10 +361,10 @@ async fn rotate_iam_access_key_creates_a_usable_key_and_rolls_back() {
 
 #[tokio::test]
 async fn rotate_iam_access_key_rotates_the_named_key_and_keeps_an_inactive_one_inactive() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-named").await;
-    let old = seed.access_key("np-named").await.access_key_id;
+    let old = seed.access_key("np-named").await.0;
     seed.set_key_status("np-named", &old, "Inactive").await;
     let provider = AwsProvider::new();
     let conn = target(&url, json!({}), KEY_ID, SECRET);
@@ -586,14 +397,14 @@ async fn rotate_iam_access_key_rotates_the_named_key_and_keeps_an_inactive_one_i
 
 #[tokio::test]
 async fn refused_prechecks_change_nothing() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-two").await;
-    let two_a = seed.access_key("np-two").await.access_key_id;
-    let two_b = seed.access_key("np-two").await.access_key_id;
+    let two_a = seed.access_key("np-two").await.0;
+    let two_b = seed.access_key("np-two").await.0;
     seed.user("np-none").await;
     seed.user("np-one").await;
-    let one = seed.access_key("np-one").await.access_key_id;
+    let one = seed.access_key("np-one").await.0;
     let policy = seed.policy("np-some-policy", "s3:List*").await;
     let users = ["np-two", "np-none", "np-one"];
     let mut before = Vec::new();
@@ -711,20 +522,15 @@ async fn refused_prechecks_change_nothing() {
 
 #[tokio::test]
 async fn a_resumed_key_creation_never_leaves_a_second_new_key() {
-    let (_turn, url) = fresh_moto().await;
-    let boot = Seeder::new(&url, KEY_ID, SECRET);
-    let admin = boot.admin("np-admin").await;
+    let (_turn, url) = moto::take().await;
+    let boot = Seeder::new(&url);
+    let (admin_key, admin_secret) = boot.admin("np-admin").await;
     let user_arn = boot.user("np-resume").await;
-    let old = boot.access_key("np-resume").await.access_key_id;
-    enable_auth(&url);
-    let seed = Seeder::new(&url, &admin.access_key_id, &admin.secret_access_key);
+    let old = boot.access_key("np-resume").await.0;
+    moto::enable_auth(&url).await;
+    let seed = Seeder::with_key(&url, &admin_key, &admin_secret);
     let provider = AwsProvider::new();
-    let conn = target(
-        &url,
-        json!({}),
-        &admin.access_key_id,
-        &admin.secret_access_key,
-    );
+    let conn = target(&url, json!({}), &admin_key, &admin_secret);
     let change = Change::new(
         &provider,
         &conn,
@@ -735,7 +541,7 @@ async fn a_resumed_key_creation_never_leaves_a_second_new_key() {
 
     // The first attempt's CreateAccessKey reached AWS, but its answer (with the only copy of
     // the secret) was lost in a crash.
-    let lost = seed.access_key("np-resume").await;
+    let (lost_key, lost_secret) = seed.access_key("np-resume").await;
     let outcome = change
         .apply("create_access_key", &context, true)
         .await
@@ -744,16 +550,16 @@ async fn a_resumed_key_creation_never_leaves_a_second_new_key() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_ne!(new, lost.access_key_id);
+    assert_ne!(new, lost_key);
     assert_ne!(new, old);
     assert!(
-        outcome.detail.contains(&lost.access_key_id) && outcome.detail.contains("interrupted"),
+        outcome.detail.contains(&lost_key) && outcome.detail.contains("interrupted"),
         "{}",
         outcome.detail
     );
     assert_eq!(
         outcome.outputs["discarded_access_key_ids"],
-        json!([lost.access_key_id])
+        json!([lost_key])
     );
     // Exactly one new key: the lost one is gone, the new one's secret works.
     assert_eq!(
@@ -772,7 +578,7 @@ async fn a_resumed_key_creation_never_leaves_a_second_new_key() {
             format!("{outcome:?}"),
         ],
     );
-    assert_hidden(&lost.secret_access_key, &[format!("{outcome:?}")]);
+    assert_hidden(&lost_secret, &[format!("{outcome:?}")]);
     context.extend(outcome.outputs);
 
     // The deactivation, interrupted after its call, is resumed (twice): it does not fail.
@@ -860,10 +666,10 @@ fn lossy_proxy(upstream: &str, lose: &'static str) -> String {
 
 #[tokio::test]
 async fn a_key_whose_creation_answer_was_lost_is_not_left_behind() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-lost").await;
-    let old = seed.access_key("np-lost").await.access_key_id;
+    let old = seed.access_key("np-lost").await.0;
     let proxy = lossy_proxy(&url, "Action=CreateAccessKey");
     let provider = AwsProvider::new();
     let conn = target(&proxy, json!({}), KEY_ID, SECRET);
@@ -902,10 +708,10 @@ async fn a_key_whose_creation_answer_was_lost_is_not_left_behind() {
 
 #[tokio::test]
 async fn rotate_undo_steps_tolerate_a_creation_that_did_not_finish() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-partial").await;
-    let old = seed.access_key("np-partial").await.access_key_id;
+    let old = seed.access_key("np-partial").await.0;
     let provider = AwsProvider::new();
     let conn = target(&url, json!({}), KEY_ID, SECRET);
     let change = Change::new(
@@ -930,7 +736,7 @@ async fn rotate_undo_steps_tolerate_a_creation_that_did_not_finish() {
 
     // The creation happened but its answer was lost (no new_access_key_id recorded): the
     // rollback finds the key that was not there before and deletes it, never the old one.
-    let lost = seed.access_key("np-partial").await.access_key_id;
+    let lost = seed.access_key("np-partial").await.0;
     let detail = change.undone("delete_new_access_key", &context).await;
     assert_eq!(
         detail,
@@ -961,11 +767,11 @@ async fn rotate_undo_steps_tolerate_a_creation_that_did_not_finish() {
 
 #[tokio::test]
 async fn deactivate_and_delete_iam_access_keys() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-keys").await;
-    let a = seed.access_key("np-keys").await.access_key_id;
-    let b = seed.access_key("np-keys").await.access_key_id;
+    let a = seed.access_key("np-keys").await.0;
+    let b = seed.access_key("np-keys").await.0;
     let provider = AwsProvider::new();
     let conn = target(&url, json!({}), KEY_ID, SECRET);
 
@@ -1058,11 +864,11 @@ async fn deactivate_and_delete_iam_access_keys() {
 
 #[tokio::test]
 async fn lock_and_unlock_an_iam_user() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-lock").await;
-    let active = seed.access_key("np-lock").await.access_key_id;
-    let inactive = seed.access_key("np-lock").await.access_key_id;
+    let active = seed.access_key("np-lock").await.0;
+    let inactive = seed.access_key("np-lock").await.0;
     seed.set_key_status("np-lock", &inactive, "Inactive").await;
     let provider = AwsProvider::new();
     let conn = target(&url, json!({}), KEY_ID, SECRET);
@@ -1184,8 +990,8 @@ async fn lock_and_unlock_an_iam_user() {
 
 #[tokio::test]
 async fn attach_and_detach_managed_policies() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     seed.user("np-pol").await;
     let read = seed.policy("np-read", "s3:Get*").await;
     let write = seed.policy("np-write", "s3:Put*").await;
@@ -1255,14 +1061,14 @@ async fn attach_and_detach_managed_policies() {
 
 #[tokio::test]
 async fn stop_and_start_ec2_instances() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     let sg = seed
-        .security_group("us-east-1", "np-ec2", vec![(80, "0.0.0.0/0")])
+        .security_group("us-east-1", "np-ec2", 80, "0.0.0.0/0")
         .await;
     let web = seed.instance("us-east-1", "web-1", &sg).await;
     let eu_sg = seed
-        .security_group("eu-west-1", "np-ec2-eu", vec![(80, "0.0.0.0/0")])
+        .security_group("eu-west-1", "np-ec2-eu", 80, "0.0.0.0/0")
         .await;
     let db = seed.instance("eu-west-1", "db-1", &eu_sg).await;
     let provider = AwsProvider::new();
@@ -1373,13 +1179,13 @@ async fn stop_and_start_ec2_instances() {
 
 #[tokio::test]
 async fn revoke_and_authorize_one_ingress_rule() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     let sg = seed
-        .security_group(
+        .security_group_with(
             "us-east-1",
             "np-rules",
-            vec![(22, "10.0.0.0/8"), (22, "192.168.0.0/16")],
+            &[(22, "10.0.0.0/8"), (22, "192.168.0.0/16")],
         )
         .await;
     let provider = AwsProvider::new();
@@ -1480,7 +1286,7 @@ async fn revoke_and_authorize_one_ingress_rule() {
 
     // Another region, and unknown groups.
     let eu = seed
-        .security_group("eu-west-1", "np-rules-eu", vec![(5432, "10.1.0.0/16")])
+        .security_group("eu-west-1", "np-rules-eu", 5432, "10.1.0.0/16")
         .await;
     let eu_revoke = Change::new(
         &provider,

@@ -1,11 +1,12 @@
 //! The aws adapter against a local AWS emulator (`moto_server`).
 //!
-//! The emulator is `NEXPLANE_TEST_MOTO_URL` (set by `cargo xtask test`), else a `moto_server`
-//! started here from `<workspace>/.venv-moto` for the life of this test binary. Its state is
-//! one per process, so the tests take turns (a mutex) and each starts from a reset emulator.
+//! The emulator and the seeding client come from `nexplane-testing` (`moto`): the emulator is
+//! `NEXPLANE_TEST_MOTO_URL` (set by `cargo xtask test`), else a `moto_server` started from
+//! `<workspace>/.venv-moto` for the life of this test binary; the tests take turns and each
+//! starts from a reset emulator.
 //!
-//! This file holds the emulator helpers, the seeding client and the connection and discovery
-//! tests; `changes` runs the change types (api.md §6.3) against the emulator.
+//! This file holds the connection and discovery tests; `changes` runs the change types
+//! (api.md §6.3) against the emulator.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod changes;
@@ -16,355 +17,17 @@ use nexplane_domain::SecretString;
 use nexplane_ports::cloud::{
     CloudCredentials, CloudProvider, CloudTarget, DiscoveredAsset, Discovery,
 };
-use rusoto_core::{Client, HttpClient, Region};
-use rusoto_credential::StaticProvider;
-use rusoto_ec2::Ec2;
-use rusoto_iam::Iam;
-use rusoto_s3::S3;
+use nexplane_testing::free_port;
+use nexplane_testing::moto::{self, Seeder, ACCOUNT};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::net::TcpListener;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const ACCOUNT: &str = "123456789012";
 /// Credentials for runs where the emulator does not check them.
 const KEY_ID: &str = "AKIANEXPLANETEST0001";
 const SECRET: &str = "nexplane-test-secret-value-0001";
-
-// ---------------------------------------------------------------------------------------------
-// The emulator
-
-static MOTO: OnceLock<Result<String, String>> = OnceLock::new();
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
-}
-
-/// A POST to the emulator's own API (`/moto-api/…`), with a plain HTTP/1.1 request.
-fn moto_api(url: &str, path: &str, body: &str) -> Result<String, String> {
-    let addr = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url} is not an http:// URL"))?
-        .trim_end_matches('/');
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| e.to_string())?;
-    if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
-        Ok(answer)
-    } else {
-        Err(format!(
-            "{path}: {}",
-            answer.lines().next().unwrap_or_default()
-        ))
-    }
-}
-
-/// Starts `moto_server` from the workspace venv; it is stopped when this test process ends
-/// (a shell watches our pid).
-fn start_moto() -> Result<String, String> {
-    if let Ok(url) = std::env::var("NEXPLANE_TEST_MOTO_URL") {
-        if !url.trim().is_empty() {
-            return Ok(url.trim().trim_end_matches('/').to_string());
-        }
-    }
-    let venv = workspace_root().join(".venv-moto");
-    let server = venv.join("bin/moto_server");
-    if !server.exists() {
-        return Err(format!(
-            "NEXPLANE_TEST_MOTO_URL is not set and {} does not exist: run `cargo xtask test` \
-             (it creates the venv and starts the emulator), or create it with \
-             `python3 -m venv .venv-moto && .venv-moto/bin/pip install \"moto[server]>=5,<6\"`",
-            server.display()
-        ));
-    }
-    let log = std::fs::File::create(venv.join("moto_server-aws-tests.log"))
-        .map_err(|e| format!("cannot write the emulator log: {e}"))?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let port = free_port();
-    Command::new("sh")
-        .arg("-c")
-        .arg(
-            r#""$0" -H 127.0.0.1 -p "$1" & moto=$!
-               while kill -0 "$2" 2>/dev/null && kill -0 "$moto" 2>/dev/null; do sleep 1; done
-               kill "$moto" 2>/dev/null"#,
-        )
-        .arg(&server)
-        .arg(port.to_string())
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", server.display()))?;
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match moto_api(&url, "/moto-api/reset", "") {
-            Ok(_) => return Ok(url),
-            Err(e) if Instant::now() > deadline => {
-                return Err(format!("moto_server on port {port} did not answer: {e}"))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-/// One test's turn on the emulator. When it ends (passed or panicked), the emulator is reset
-/// and authentication is off again, so whatever runs next finds it clean.
-struct MotoTurn {
-    url: String,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
-}
-
-impl Drop for MotoTurn {
-    fn drop(&mut self) {
-        let _ = moto_api(&self.url, "/moto-api/reset-auth", "inf");
-        let _ = moto_api(&self.url, "/moto-api/reset", "");
-    }
-}
-
-/// Takes the emulator for one test: waits for the previous test, then resets every service
-/// and switches request authentication off.
-async fn fresh_moto() -> (MotoTurn, String) {
-    let serial = SERIAL.lock().await;
-    let url = MOTO
-        .get_or_init(start_moto)
-        .clone()
-        .unwrap_or_else(|e| panic!("AWS emulator: {e}"));
-    moto_api(&url, "/moto-api/reset-auth", "inf").unwrap();
-    moto_api(&url, "/moto-api/reset", "").unwrap();
-    let turn = MotoTurn {
-        url: url.clone(),
-        _serial: serial,
-    };
-    (turn, url)
-}
-
-/// From now on (until the test's turn ends) the emulator checks the signature and the IAM
-/// permissions of every request.
-fn enable_auth(url: &str) {
-    moto_api(url, "/moto-api/reset-auth", "0").unwrap();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Seeding through the emulator, with rusoto
-
-struct Seeder {
-    client: Client,
-    url: String,
-}
-
-impl Seeder {
-    fn new(url: &str, key: &str, secret: &str) -> Self {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .build();
-        Self {
-            client: Client::new_with(
-                StaticProvider::new_minimal(key.into(), secret.into()),
-                HttpClient::from_connector(connector),
-            ),
-            url: url.to_string(),
-        }
-    }
-
-    fn region(&self, name: &str) -> Region {
-        Region::Custom {
-            name: name.into(),
-            endpoint: self.url.clone(),
-        }
-    }
-
-    fn iam(&self) -> rusoto_iam::IamClient {
-        rusoto_iam::IamClient::new_with_client(self.client.clone(), self.region("us-east-1"))
-    }
-
-    fn ec2(&self, region: &str) -> rusoto_ec2::Ec2Client {
-        rusoto_ec2::Ec2Client::new_with_client(self.client.clone(), self.region(region))
-    }
-
-    fn s3(&self) -> rusoto_s3::S3Client {
-        rusoto_s3::S3Client::new_with_client(self.client.clone(), self.region("us-east-1"))
-    }
-
-    async fn user(&self, name: &str) -> String {
-        self.iam()
-            .create_user(rusoto_iam::CreateUserRequest {
-                user_name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .user
-            .unwrap()
-            .arn
-    }
-
-    async fn access_key(&self, user: &str) -> rusoto_iam::AccessKey {
-        self.iam()
-            .create_access_key(rusoto_iam::CreateAccessKeyRequest {
-                user_name: Some(user.into()),
-            })
-            .await
-            .unwrap()
-            .access_key
-    }
-
-    async fn attach_user_policy(&self, user: &str, policy_arn: &str) {
-        self.iam()
-            .attach_user_policy(rusoto_iam::AttachUserPolicyRequest {
-                policy_arn: policy_arn.into(),
-                user_name: user.into(),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// A customer-managed policy allowing `action` on everything; returns its ARN. (The
-    /// emulator does not load the AWS-managed policies unless told to.)
-    async fn policy(&self, name: &str, action: &str) -> String {
-        self.iam()
-            .create_policy(rusoto_iam::CreatePolicyRequest {
-                policy_name: name.into(),
-                policy_document: json!({
-                    "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": action, "Resource": "*"}]
-                })
-                .to_string(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .policy
-            .unwrap()
-            .arn
-            .unwrap()
-    }
-
-    /// A user allowed everything, with an access key (for runs with authentication on).
-    async fn admin(&self, name: &str) -> rusoto_iam::AccessKey {
-        self.user(name).await;
-        let policy = self.policy(&format!("{name}-all"), "*").await;
-        self.attach_user_policy(name, &policy).await;
-        self.access_key(name).await
-    }
-
-    async fn role(&self, name: &str, trust: &Value) -> String {
-        self.iam()
-            .create_role(rusoto_iam::CreateRoleRequest {
-                role_name: name.into(),
-                assume_role_policy_document: trust.to_string(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .role
-            .arn
-    }
-
-    async fn security_group(&self, region: &str, name: &str, rules: Vec<(i64, &str)>) -> String {
-        let ec2 = self.ec2(region);
-        let group_id = ec2
-            .create_security_group(rusoto_ec2::CreateSecurityGroupRequest {
-                group_name: name.into(),
-                description: format!("{name} rules"),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .group_id
-            .unwrap();
-        let permissions = rules
-            .into_iter()
-            .map(|(port, cidr)| rusoto_ec2::IpPermission {
-                ip_protocol: Some("tcp".into()),
-                from_port: Some(port),
-                to_port: Some(port),
-                ip_ranges: Some(vec![rusoto_ec2::IpRange {
-                    cidr_ip: Some(cidr.into()),
-                    description: None,
-                }]),
-                ..Default::default()
-            })
-            .collect();
-        ec2.authorize_security_group_ingress(rusoto_ec2::AuthorizeSecurityGroupIngressRequest {
-            group_id: Some(group_id.clone()),
-            ip_permissions: Some(permissions),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        group_id
-    }
-
-    async fn instance(&self, region: &str, name: &str, group_id: &str) -> String {
-        let reservation = self
-            .ec2(region)
-            .run_instances(rusoto_ec2::RunInstancesRequest {
-                image_id: Some("ami-12c6146b".into()),
-                instance_type: Some("t3.micro".into()),
-                min_count: 1,
-                max_count: 1,
-                security_group_ids: Some(vec![group_id.into()]),
-                tag_specifications: Some(vec![rusoto_ec2::TagSpecification {
-                    resource_type: Some("instance".into()),
-                    tags: Some(vec![
-                        rusoto_ec2::Tag {
-                            key: Some("Name".into()),
-                            value: Some(name.into()),
-                        },
-                        rusoto_ec2::Tag {
-                            key: Some("team".into()),
-                            value: Some("platform".into()),
-                        },
-                    ]),
-                }]),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        reservation.instances.unwrap()[0]
-            .instance_id
-            .clone()
-            .unwrap()
-    }
-
-    async fn bucket(&self, name: &str) {
-        self.s3()
-            .create_bucket(rusoto_s3::CreateBucketRequest {
-                bucket: name.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -428,23 +91,12 @@ fn count(d: &Discovery, asset_type: &str) -> usize {
         .count()
 }
 
-fn trust_policy() -> Value {
-    json!({
-        "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Allow",
-            "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:root")},
-            "Action": "sts:AssumeRole",
-        }]
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 
 #[tokio::test]
 async fn test_returns_the_account_and_arn() {
-    let (_turn, url) = fresh_moto().await;
+    let (_turn, url) = moto::take().await;
     let provider = AwsProvider::new();
 
     let identity = provider
@@ -455,15 +107,15 @@ async fn test_returns_the_account_and_arn() {
     assert!(identity.arn.starts_with("arn:aws:"), "{}", identity.arn);
 
     // With a real user's key, the identity is that user.
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let seed = Seeder::new(&url);
     let arn = seed.user("np-caller").await;
-    let key = seed.access_key("np-caller").await;
+    let (key_id, secret) = seed.access_key("np-caller").await;
     let identity = provider
         .test(&target(
             &url,
             json!({"region": "eu-west-1"}),
-            &key.access_key_id,
-            &key.secret_access_key,
+            &key_id,
+            &secret,
         ))
         .await
         .unwrap();
@@ -473,19 +125,14 @@ async fn test_returns_the_account_and_arn() {
 
 #[tokio::test]
 async fn bad_credentials_are_refused_without_showing_them() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
-    let admin = seed.admin("np-admin").await;
-    enable_auth(&url);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
+    let (admin_key, admin_secret) = seed.admin("np-admin").await;
+    moto::enable_auth(&url).await;
     let provider = AwsProvider::new();
 
     // The right key works with authentication on…
-    let good = target(
-        &url,
-        json!({}),
-        &admin.access_key_id,
-        &admin.secret_access_key,
-    );
+    let good = target(&url, json!({}), &admin_key, &admin_secret);
     let identity = provider.test(&good).await.unwrap();
     assert_eq!(
         identity.arn,
@@ -494,7 +141,7 @@ async fn bad_credentials_are_refused_without_showing_them() {
 
     // …a wrong secret does not, and the error shows neither the secret nor the key id.
     let wrong_secret = "WrongSecretValue/For+NexplaneTests0123456789";
-    let bad = target(&url, json!({}), &admin.access_key_id, wrong_secret);
+    let bad = target(&url, json!({}), &admin_key, wrong_secret);
     let err = provider.test(&bad).await.unwrap_err();
     eprintln!("wrong secret: {}", err.message);
     assert!(
@@ -502,7 +149,7 @@ async fn bad_credentials_are_refused_without_showing_them() {
         "{}",
         err.message
     );
-    for secret in [wrong_secret, &admin.access_key_id, &admin.secret_access_key] {
+    for secret in [wrong_secret, &admin_key, &admin_secret] {
         assert!(!err.message.contains(secret), "{}", err.message);
         assert!(!format!("{err:?}").contains(secret));
     }
@@ -608,60 +255,36 @@ async fn invalid_settings_are_refused() {
 
 #[tokio::test]
 async fn discovery_finds_every_seeded_asset_with_its_attributes() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
-    let iam = seed.iam();
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
 
     // IAM: alice (two keys, one inactive; a local and an AWS policy; two groups), bob (bare).
     let alice_arn = seed.user("alice").await;
     let bob_arn = seed.user("bob").await;
-    let key1 = seed.access_key("alice").await;
-    let key2 = seed.access_key("alice").await;
-    iam.update_access_key(rusoto_iam::UpdateAccessKeyRequest {
-        access_key_id: key2.access_key_id.clone(),
-        status: "Inactive".into(),
-        user_name: Some("alice".into()),
-    })
-    .await
-    .unwrap();
+    let (key1, _) = seed.access_key("alice").await;
+    let (key2, _) = seed.access_key("alice").await;
+    seed.set_key_status("alice", &key2, "Inactive").await;
     let policy_arn = seed.policy("np-read-buckets", "s3:List*").await;
     let ec2_policy_arn = seed.policy("np-read-ec2", "ec2:Describe*").await;
     seed.attach_user_policy("alice", &policy_arn).await;
     seed.attach_user_policy("alice", &ec2_policy_arn).await;
     for group in ["np-devs", "np-oncall"] {
-        iam.create_group(rusoto_iam::CreateGroupRequest {
-            group_name: group.into(),
-            path: None,
-        })
-        .await
-        .unwrap();
-        iam.add_user_to_group(rusoto_iam::AddUserToGroupRequest {
-            group_name: group.into(),
-            user_name: "alice".into(),
-        })
-        .await
-        .unwrap();
+        seed.group_with(group, "alice").await;
     }
-    let role_arn = seed.role("np-auditor", &trust_policy()).await;
     let audit_arn = seed.policy("np-audit", "iam:Get*").await;
-    iam.attach_role_policy(rusoto_iam::AttachRolePolicyRequest {
-        policy_arn: audit_arn.clone(),
-        role_name: "np-auditor".into(),
-    })
-    .await
-    .unwrap();
+    let role_arn = seed.role("np-auditor", &audit_arn).await;
 
     // EC2 in two regions.
     let web_sg = seed
-        .security_group(
+        .security_group_with(
             "us-east-1",
             "np-web",
-            vec![(443, "0.0.0.0/0"), (22, "10.0.0.0/8")],
+            &[(443, "0.0.0.0/0"), (22, "10.0.0.0/8")],
         )
         .await;
     let web = seed.instance("us-east-1", "web-1", &web_sg).await;
     let db_sg = seed
-        .security_group("eu-west-1", "np-db", vec![(5432, "10.1.0.0/16")])
+        .security_group("eu-west-1", "np-db", 5432, "10.1.0.0/16")
         .await;
     let db = seed.instance("eu-west-1", "db-1", &db_sg).await;
 
@@ -699,8 +322,8 @@ async fn discovery_finds_every_seeded_asset_with_its_attributes() {
             .unwrap_or_else(|| panic!("key {id} missing from {keys:?}"))["status"]
             .clone()
     };
-    assert_eq!(status_of(&key1.access_key_id), "Active");
-    assert_eq!(status_of(&key2.access_key_id), "Inactive");
+    assert_eq!(status_of(&key1), "Active");
+    assert_eq!(status_of(&key2), "Inactive");
     assert!(keys.iter().all(|k| k["created_at"].is_string()));
     let mut expected_policies = vec![policy_arn.clone(), ec2_policy_arn.clone()];
     expected_policies.sort();
@@ -748,7 +371,7 @@ async fn discovery_finds_every_seeded_asset_with_its_attributes() {
             "{i}"
         );
         assert_eq!(i["security_groups"][0]["group_id"], sg.as_str());
-        assert_eq!(i["tags"], json!({"Name": name, "team": "platform"}));
+        assert_eq!(i["tags"], json!({"Name": name, "owner": "nexplane-tests"}));
     }
     assert_eq!(count(&d, "ec2_instance"), 2);
 
@@ -815,11 +438,11 @@ async fn discovery_finds_every_seeded_asset_with_its_attributes() {
 
 #[tokio::test]
 async fn an_unknown_region_is_a_partial_failure() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     let user_arn = seed.user("np-carol").await;
     let sg = seed
-        .security_group("us-east-1", "np-app", vec![(80, "0.0.0.0/0")])
+        .security_group("us-east-1", "np-app", 80, "0.0.0.0/0")
         .await;
     let instance = seed.instance("us-east-1", "app-1", &sg).await;
     seed.bucket("np-bucket-c").await;
@@ -859,8 +482,8 @@ async fn an_unknown_region_is_a_partial_failure() {
 
 #[tokio::test]
 async fn a_thousand_users_are_discovered() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
     let started = Instant::now();
     let keys: Vec<(String, String)> = stream::iter(0..1000)
         .map(|i| {
@@ -868,8 +491,8 @@ async fn a_thousand_users_are_discovered() {
             async move {
                 let name = format!("np-user-{i:04}");
                 seed.user(&name).await;
-                let key = seed.access_key(&name).await;
-                (name, key.access_key_id)
+                let (key_id, _) = seed.access_key(&name).await;
+                (name, key_id)
             }
         })
         .buffer_unordered(16)
@@ -908,9 +531,9 @@ async fn a_thousand_users_are_discovered() {
 
 #[tokio::test]
 async fn an_assumed_role_is_used_for_every_call() {
-    let (_turn, url) = fresh_moto().await;
-    let seed = Seeder::new(&url, KEY_ID, SECRET);
-    let admin = seed.admin("np-deployer").await;
+    let (_turn, url) = moto::take().await;
+    let seed = Seeder::new(&url);
+    let (admin_key, admin_secret) = seed.admin("np-deployer").await;
     // Only np-deployer may assume the role, and only with the external id.
     let trust = json!({
         "Version": "2012-10-17",
@@ -921,24 +544,18 @@ async fn an_assumed_role_is_used_for_every_call() {
             "Condition": {"StringEquals": {"sts:ExternalId": "np-external-1"}},
         }]
     });
-    let role_arn = seed.role("np-discovery", &trust).await;
+    let role_arn = seed.role_with_trust("np-discovery", &trust).await;
     let everything = seed.policy("np-discovery-all", "*").await;
-    seed.iam()
-        .attach_role_policy(rusoto_iam::AttachRolePolicyRequest {
-            policy_arn: everything,
-            role_name: "np-discovery".into(),
-        })
-        .await
-        .unwrap();
+    seed.attach_role_policy("np-discovery", &everything).await;
     seed.bucket("np-bucket-role").await;
-    enable_auth(&url);
+    moto::enable_auth(&url).await;
 
     let provider = AwsProvider::new();
     let t = target(
         &url,
         json!({"assume_role_arn": role_arn, "external_id": "np-external-1"}),
-        &admin.access_key_id,
-        &admin.secret_access_key,
+        &admin_key,
+        &admin_secret,
     );
     let identity = provider.test(&t).await.unwrap();
     assert_eq!(identity.account_id, ACCOUNT);
@@ -961,8 +578,8 @@ async fn an_assumed_role_is_used_for_every_call() {
     let wrong_id = target(
         &url,
         json!({"assume_role_arn": role_arn, "external_id": "np-external-2"}),
-        &admin.access_key_id,
-        &admin.secret_access_key,
+        &admin_key,
+        &admin_secret,
     );
     let err = provider.test(&wrong_id).await.unwrap_err();
     assert!(
@@ -982,7 +599,7 @@ async fn an_assumed_role_is_used_for_every_call() {
     let t = target(
         &url,
         json!({"assume_role_arn": missing}),
-        &admin.access_key_id,
+        &admin_key,
         "not-the-secret-at-all-0123456789",
     );
     let err = provider.test(&t).await.unwrap_err();

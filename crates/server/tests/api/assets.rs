@@ -7,7 +7,7 @@ use crate::both;
 use crate::connectors::{assert_no_secret, audit_text, create, test_connector};
 use crate::harness::*;
 use crate::jobs::discover;
-use crate::moto::{self, Seeder, ACCOUNT};
+use nexplane_testing::moto::{self, Seeder, ACCOUNT};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 

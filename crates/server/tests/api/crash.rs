@@ -14,7 +14,7 @@ use crate::harness::{
     free_port, fresh_pg_database, query_database, Backend, Resp, TestApp, ADMIN_EMAIL,
     ADMIN_PASSWORD, USER_PASSWORD,
 };
-use crate::moto::{self, Seeder};
+use nexplane_testing::moto::{self, Seeder};
 use reqwest::StatusCode;
 use rusoto_core::signature::SignedRequest;
 use rusoto_core::{HttpClient, Region};
@@ -425,17 +425,6 @@ fn steps(journal: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A POST to the emulator's control API.
-async fn moto_control(url: &str, path: &str, body: &str) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-}
-
 /// STS GetCallerIdentity signed with this key: (HTTP status, body). With the emulator's
 /// authentication on it checks the key exists and the signature (so the secret) is right;
 /// the call itself needs no permission.
@@ -628,7 +617,7 @@ async fn kill_and_resume(backend: Backend, step: &str, phase: &str) {
     moto::enable_auth(&url).await;
     let wrong = caller_identity(&url, &new, "not-the-secret-of-this-key-0123456789").await;
     let right = caller_identity(&url, &new, &secret).await;
-    moto_control(&url, "/moto-api/reset-auth", "inf").await;
+    moto::control(&url, "/moto-api/reset-auth", "inf").unwrap();
     assert_eq!(wrong.0, 403, "the emulator checks signatures: {}", wrong.1);
     assert_eq!(
         right.0, 200,

@@ -4,7 +4,7 @@
 use crate::both;
 use crate::connectors::{assert_no_secret, audit_text, create};
 use crate::harness::*;
-use crate::moto::{self, Seeder};
+use nexplane_testing::moto::{self, Seeder};
 use rusoto_ec2::Ec2;
 use rusoto_iam::{Iam, IamClient};
 use serde_json::{json, Value};

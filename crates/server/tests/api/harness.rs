@@ -79,14 +79,7 @@ pub fn fresh_pg_database() -> String {
     }
 }
 
-/// A free TCP port on the loopback interface.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use nexplane_testing::free_port;
 
 /// Runs a query against a test database and returns its rows, one line each, columns
 /// separated by `|` (NULL as an empty column).

@@ -20,6 +20,7 @@ const API: &str = "nexplane-api";
 const AWS: &str = "nexplane-aws";
 const SERVER: &str = "nexplane";
 const AGENT: &str = "nexplane-agent";
+const TESTING: &str = "nexplane-testing";
 
 const INV8: &str = "docs/architecture.md invariant 8 (the host agent stays small and \
                     permissive): nexplane-agent, installed on managed hosts, links no GPL crate, \
@@ -32,9 +33,11 @@ const INV1: &str = "docs/architecture.md invariant 1 (the domain does no IO): ne
                     documented";
 const INV3: &str = "docs/architecture.md invariant 3 (each adapter owns its technology): only \
                     nexplane-api knows HTTP, only nexplane-store knows SQL, only nexplane-aws \
-                    knows AWS, only nexplane-crypto knows key formats; nexplane-app sees them \
-                    only through the ports; GPL code (actix-governor) stays in nexplane-api and \
-                    the nexplane binary, every crate declares its licence";
+                    knows AWS (and the test support nexplane-testing, a dev-dependency only, \
+                    never linked into a binary), only nexplane-crypto knows key formats; \
+                    nexplane-app sees them only through the ports; GPL code (actix-governor) \
+                    stays in nexplane-api and the nexplane binary, every crate declares its \
+                    licence";
 
 fn first_match<'p>(name: &str, patterns: &[&'p str]) -> Option<&'p str> {
     patterns
@@ -326,7 +329,8 @@ fn app_sees_adapters_only_through_ports() {
 
 const HTTP: &str = "only nexplane-api knows HTTP (the server binary wires it)";
 const SQL: &str = "only nexplane-store knows SQL";
-const AWS_SDK: &str = "only nexplane-aws knows AWS";
+const AWS_SDK: &str =
+    "only nexplane-aws knows AWS (and nexplane-testing, the test support that seeds the emulator)";
 const KEYS: &str = "only nexplane-crypto knows key formats";
 
 /// (crate pattern, the workspace crates allowed to declare it, why)
@@ -336,7 +340,7 @@ const OWNERSHIP: &[(&str, &[&str], &str)] = &[
     ("paperclip*", &[API, SERVER], HTTP),
     ("actix-governor", &[API, SERVER], HTTP),
     ("diesel*", &[STORE], SQL),
-    ("rusoto*", &[AWS], AWS_SDK),
+    ("rusoto*", &[AWS, TESTING], AWS_SDK),
     ("jsonwebtoken", &[CRYPTO], KEYS),
     ("rust-argon2", &[CRYPTO], KEYS),
     ("argon2", &[CRYPTO], KEYS),
@@ -360,6 +364,25 @@ fn adapter_crates_own_their_technology() {
             }
         }
     }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn test_support_is_only_a_dev_dependency() {
+    // nexplane-testing may know AWS (rusoto) because no binary or library links it: every
+    // workspace crate that uses it declares it under [dev-dependencies].
+    let meta = metadata();
+    let problems: Vec<String> = workspace_packages(meta)
+        .into_iter()
+        .filter(|pkg| direct_dependencies(pkg).contains(TESTING))
+        .map(|pkg| {
+            format!(
+                "{} declares {TESTING} as a normal or build dependency, but test support is \
+                 for [dev-dependencies] only; {INV3}",
+                pkg.name
+            )
+        })
+        .collect();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 

@@ -17,7 +17,6 @@ mod harness;
 mod invariants;
 mod jobs;
 mod limits;
-mod moto;
 mod openapi;
 mod outage;
 mod roles;

@@ -12,7 +12,7 @@ use crate::execution::{
     approved_id, emulated_connector, execute_ok, keys, roll_back_ok, run, trail,
 };
 use crate::harness::*;
-use crate::moto::{self, Seeder};
+use nexplane_testing::moto::{self, Seeder};
 use rusoto_ec2::Ec2;
 use rusoto_iam::Iam;
 use serde_json::{json, Value};
