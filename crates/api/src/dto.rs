@@ -634,6 +634,9 @@ pub(crate) struct StepDto {
     pub finished_at: Option<String>,
     /// What it did, or why it failed.
     pub detail: Option<String>,
+    /// How many times it was started: more than 1 when a crash or restart interrupted it and
+    /// the resumed job reconciled it with the provider.
+    pub attempts: u32,
 }
 
 impl From<&Journal> for JournalDto {
@@ -652,6 +655,7 @@ impl From<&Journal> for JournalDto {
                     started_at: s.started_at.map(|t| t.to_rfc3339()),
                     finished_at: s.finished_at.map(|t| t.to_rfc3339()),
                     detail: s.detail.clone(),
+                    attempts: s.attempts,
                 })
                 .collect(),
             outputs: serde_json::Value::Object(j.outputs.clone()),

@@ -565,6 +565,19 @@ async fn kill_and_resume(backend: Backend, step: &str, phase: &str) {
         "{point}"
     );
     assert_eq!(claimed, 2, "{point}");
+    // The API shows the same counts.
+    let shown: Vec<(String, u64)> = exec["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["attempts"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shown, started, "{cr}");
     assert_eq!(exec["outputs"]["old_access_key_id"], json!(old), "{cr}");
     let new = exec["outputs"]["new_access_key_id"]
         .as_str()

@@ -1433,3 +1433,58 @@ both!(
         );
     }
 );
+
+both!(
+    rotating_the_master_key_reseals_secret_outputs,
+    |mut app: TestApp| async move {
+        let (_turn, url) = moto::take().await;
+        let seed = Seeder::new(&url);
+        seed.user("prod-deploy").await;
+        seed.access_key("prod-deploy").await;
+        let cid = emulated_connector(&app, &url).await;
+        let (cr, op) = approved(
+            &app,
+            &cid,
+            "rotate_iam_access_key",
+            json!({"iam_user": "prod-deploy"}),
+        )
+        .await;
+        let id = cr["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            run(&app, &op, &id, "execute").await["state"],
+            json!("complete")
+        );
+        let key_of = |app: &TestApp| {
+            app.query("SELECT sealed_value FROM change_request_secrets")[0]
+                .split('.')
+                .nth(1)
+                .unwrap()
+                .to_owned()
+        };
+        let before = key_of(&app);
+
+        let (cfg, clock) = (app.config(), app.clock.clone());
+        let rotation = tokio::task::spawn_blocking(move || {
+            nexplane::rotate_master_key(&cfg, clock, None).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(rotation.previous_key_id, before);
+        assert_eq!(key_of(&app), rotation.new_key_id);
+        let audit = app.audit_of("keys.master_rotated").await;
+        assert_eq!(audit[0]["payload"]["secret_outputs_resealed"], json!(1));
+
+        // Without the old key file, the restarted server still reveals the secret.
+        std::fs::remove_file(rotation.previous_key_file.unwrap()).unwrap();
+        app.restart().await;
+        let r = app
+            .post(
+                &format!("/change-requests/{id}/reveal-secrets"),
+                &op,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(r.body["new_secret_access_key"].as_str().unwrap().len() >= 20);
+    }
+);
