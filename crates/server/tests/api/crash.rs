@@ -19,7 +19,6 @@ use reqwest::StatusCode;
 use rusoto_core::signature::SignedRequest;
 use rusoto_core::{HttpClient, Region};
 use rusoto_credential::StaticProvider;
-use rusoto_iam::Iam;
 use serde_json::{json, Value};
 use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
@@ -337,28 +336,9 @@ impl Node {
     }
 }
 
-/// The access keys of `user` at the emulator: (id, status), sorted.
-async fn keys(seed: &Seeder, user: &str) -> Vec<(String, String)> {
-    let r = seed
-        .iam()
-        .list_access_keys(rusoto_iam::ListAccessKeysRequest {
-            user_name: Some(user.into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut out: Vec<(String, String)> = r
-        .access_key_metadata
-        .into_iter()
-        .map(|k| (k.access_key_id.unwrap(), k.status.unwrap()))
-        .collect();
-    out.sort();
-    out
-}
-
 /// The status of `old` and the other keys, checking there is at most one other.
 async fn key_state(seed: &Seeder, old: &str) -> (String, Option<(String, String)>) {
-    let all = keys(seed, IAM_USER).await;
+    let all = seed.keys(IAM_USER).await;
     let old_status = all
         .iter()
         .find(|(id, _)| id == old)
@@ -589,7 +569,7 @@ async fn kill_and_resume(backend: Backend, step: &str, phase: &str) {
         (new.clone(), "Active".to_owned()),
     ];
     expected.sort();
-    assert_eq!(keys(&seed, IAM_USER).await, expected, "after {point}");
+    assert_eq!(seed.keys(IAM_USER).await, expected, "after {point}");
     match (step, phase) {
         // Killed after CreateAccessKey answered but before the answer (and so the secret)
         // was stored: the resumed step deleted that key and made a fresh one.
@@ -709,7 +689,7 @@ async fn kill_and_resume(backend: Backend, step: &str, phase: &str) {
     assert_eq!(claimed, 2, "{point}");
     // Only the old key, Active again: never an extra key.
     assert_eq!(
-        keys(&seed, IAM_USER).await,
+        seed.keys(IAM_USER).await,
         [(old.clone(), "Active".to_owned())],
         "after {point}"
     );

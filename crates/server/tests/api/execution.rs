@@ -109,12 +109,7 @@ pub async fn run(app: &TestApp, token: &str, id: &str, action: &str) -> Value {
     app.get(&format!("/change-requests/{id}"), token).await.body
 }
 
-/// The access keys of `user` at the emulator: (id, status), sorted.
-pub async fn keys(seed: &Seeder, user: &str) -> Vec<(String, String)> {
-    keys_with(&seed.iam(), user).await
-}
-
-/// [`keys`] through a given IAM client (e.g. [`iam_as`] while authentication is on).
+/// The access keys of `user`, (id, status) sorted, through a given IAM client (e.g. [`iam_as`] while authentication is on).
 pub async fn keys_with(iam: &IamClient, user: &str) -> Vec<(String, String)> {
     let r = iam
         .list_access_keys(rusoto_iam::ListAccessKeysRequest {
@@ -176,7 +171,7 @@ both!(
             (new_key.clone(), "Active".to_owned()),
         ];
         expected.sort();
-        assert_eq!(keys(&seed, "prod-deploy").await, expected);
+        assert_eq!(seed.keys("prod-deploy").await, expected);
 
         // Execute again: the state does not allow it.
         let r = app
@@ -234,7 +229,7 @@ both!(
             ["reactivate_old_access_key", "delete_new_access_key"]
         );
         assert_eq!(
-            keys(&seed, "prod-deploy").await,
+            seed.keys("prod-deploy").await,
             vec![(old_key.clone(), "Active".to_owned())]
         );
 
@@ -525,59 +520,7 @@ fn deny(action: &str) -> Value {
         "Statement": [{"Effect": "Deny", "Action": action, "Resource": "*"}]})
 }
 
-/// The ARNs of the managed policies attached to `user`, sorted.
-async fn attached(seed: &Seeder, user: &str) -> Vec<String> {
-    let r = seed
-        .iam()
-        .list_attached_user_policies(rusoto_iam::ListAttachedUserPoliciesRequest {
-            user_name: user.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut arns: Vec<String> = r
-        .attached_policies
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| p.policy_arn.unwrap())
-        .collect();
-    arns.sort();
-    arns
-}
-
-/// The names of every IAM user, sorted.
-async fn users(seed: &Seeder) -> Vec<String> {
-    let r = seed
-        .iam()
-        .list_users(rusoto_iam::ListUsersRequest::default())
-        .await
-        .unwrap();
-    let mut names: Vec<String> = r.users.into_iter().map(|u| u.user_name).collect();
-    names.sort();
-    names
-}
-
 const REGION: &str = "us-east-1";
-
-/// The state name of an instance (`running`, `stopped`…).
-async fn instance_state(seed: &Seeder, id: &str) -> String {
-    let r = seed
-        .ec2(REGION)
-        .describe_instances(rusoto_ec2::DescribeInstancesRequest {
-            instance_ids: Some(vec![id.into()]),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    r.reservations
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|r| r.instances.unwrap_or_default())
-        .find(|i| i.instance_id.as_deref() == Some(id))
-        .and_then(|i| i.state)
-        .and_then(|s| s.name)
-        .unwrap_or_else(|| panic!("instance {id} not found"))
-}
 
 /// A running instance in a new security group: (group id, instance id).
 async fn running_instance(seed: &Seeder, name: &str) -> (String, String) {
@@ -585,7 +528,7 @@ async fn running_instance(seed: &Seeder, name: &str) -> (String, String) {
         .security_group(REGION, &format!("{name}-sg"), 22, "10.0.0.0/8")
         .await;
     let id = seed.instance(REGION, name, &group).await;
-    assert_eq!(instance_state(seed, &id).await, "running");
+    assert_eq!(seed.instance_state(REGION, &id).await, "running");
     (group, id)
 }
 
@@ -599,7 +542,7 @@ async fn stopped_by_seeder(seed: &Seeder, id: &str) {
         .await
         .unwrap();
     for _ in 0..100 {
-        if instance_state(seed, id).await == "stopped" {
+        if seed.instance_state(REGION, id).await == "stopped" {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -668,12 +611,12 @@ both!(
         .await;
         execute_ok(&app, &op, &id, &["deactivate_access_key"]).await;
         assert_eq!(
-            keys(&seed, "svc-ci").await,
+            seed.keys("svc-ci").await,
             sorted(vec![pair(&a, "Inactive"), pair(&b, "Active")])
         );
         roll_back_ok(&app, &op, &id, &["reactivate_access_key"]).await;
         assert_eq!(
-            keys(&seed, "svc-ci").await,
+            seed.keys("svc-ci").await,
             sorted(vec![pair(&a, "Active"), pair(&b, "Active")])
         );
 
@@ -694,7 +637,7 @@ both!(
             done["execution"]["outputs"]["deleted_access_key_id"],
             json!(c)
         );
-        assert_eq!(keys(&seed, "svc-old").await, vec![pair(&keep, "Active")]);
+        assert_eq!(seed.keys("svc-old").await, vec![pair(&keep, "Active")]);
         let r = app
             .post(&format!("/change-requests/{id}/rollback"), &op, json!({}))
             .await;
@@ -706,7 +649,7 @@ both!(
             .await
             .iter()
             .any(|t| t.starts_with("change_request.rollback")));
-        assert_eq!(keys(&seed, "svc-old").await, vec![pair(&keep, "Active")]);
+        assert_eq!(seed.keys("svc-old").await, vec![pair(&keep, "Active")]);
     }
 );
 
@@ -757,7 +700,7 @@ both!(
             (&json!("Deny"), &json!("*"), &json!("*"))
         );
         assert_eq!(
-            keys(&seed, "contractor").await,
+            seed.keys("contractor").await,
             sorted(vec![pair(&on, "Inactive"), pair(&off, "Inactive")])
         );
         roll_back_ok(
@@ -769,7 +712,7 @@ both!(
         .await;
         assert!(inline_policies(&iam, "contractor").await.is_empty());
         assert_eq!(
-            keys(&seed, "contractor").await,
+            seed.keys("contractor").await,
             sorted(vec![pair(&on, "Active"), pair(&off, "Inactive")])
         );
 
@@ -814,10 +757,10 @@ both!(
         execute_ok(&app, &op, &id, &["attach_user_policy"]).await;
         let mut both = vec![read.clone(), write.clone()];
         both.sort();
-        assert_eq!(attached(&seed, "deployer").await, both);
+        assert_eq!(seed.attached("deployer").await, both);
         roll_back_ok(&app, &op, &id, &["detach_user_policy"]).await;
         assert_eq!(
-            attached(&seed, "deployer").await,
+            seed.attached("deployer").await,
             std::slice::from_ref(&write)
         );
 
@@ -829,10 +772,10 @@ both!(
         )
         .await;
         execute_ok(&app, &op, &id, &["detach_user_policy"]).await;
-        assert!(attached(&seed, "deployer").await.is_empty());
+        assert!(seed.attached("deployer").await.is_empty());
         roll_back_ok(&app, &op, &id, &["reattach_user_policy"]).await;
         assert_eq!(
-            attached(&seed, "deployer").await,
+            seed.attached("deployer").await,
             std::slice::from_ref(&write)
         );
     }
@@ -855,10 +798,14 @@ both!(
             done["execution"]["outputs"]["instance_state"],
             json!("stopped")
         );
-        assert_eq!(instance_state(&seed, &web).await, "stopped");
+        assert_eq!(seed.instance_state(REGION, &web).await, "stopped");
         roll_back_ok(&app, &op, &id, &["start_instance"]).await;
-        assert_eq!(instance_state(&seed, &web).await, "running");
-        assert_eq!(instance_state(&seed, &batch).await, "stopped", "untouched");
+        assert_eq!(seed.instance_state(REGION, &web).await, "running");
+        assert_eq!(
+            seed.instance_state(REGION, &batch).await,
+            "stopped",
+            "untouched"
+        );
 
         let (id, op) = approved_id(
             &app,
@@ -872,10 +819,14 @@ both!(
             done["execution"]["outputs"]["instance_state"],
             json!("running")
         );
-        assert_eq!(instance_state(&seed, &batch).await, "running");
+        assert_eq!(seed.instance_state(REGION, &batch).await, "running");
         roll_back_ok(&app, &op, &id, &["stop_instance"]).await;
-        assert_eq!(instance_state(&seed, &batch).await, "stopped");
-        assert_eq!(instance_state(&seed, &web).await, "running", "untouched");
+        assert_eq!(seed.instance_state(REGION, &batch).await, "stopped");
+        assert_eq!(
+            seed.instance_state(REGION, &web).await,
+            "running",
+            "untouched"
+        );
     }
 );
 
@@ -989,7 +940,7 @@ both!(failed_prechecks_apply_nothing, |app: TestApp| async move {
     .await;
     assert_precheck_fails(&app, &op, &id, "access_key_id").await;
     assert_eq!(
-        keys(&seed, "two-keys").await,
+        seed.keys("two-keys").await,
         sorted(vec![pair(&k1, "Active"), pair(&k2, "Active")])
     );
     let r = app
@@ -1002,10 +953,10 @@ both!(failed_prechecks_apply_nothing, |app: TestApp| async move {
     assert_eq!(r.assert_problem(409), "no_secret_outputs");
 
     // Lock a user that does not exist.
-    let before = users(&seed).await;
+    let before = seed.user_names().await;
     let (id, op) = approved_id(&app, &cid, "lock_iam_user", json!({"iam_user": "ghost"})).await;
     assert_precheck_fails(&app, &op, &id, "IAM user ghost does not exist").await;
-    assert_eq!(users(&seed).await, before);
+    assert_eq!(seed.user_names().await, before);
 
     // Delete a key that is still Active.
     seed.user("in-use").await;
@@ -1018,7 +969,7 @@ both!(failed_prechecks_apply_nothing, |app: TestApp| async move {
     )
     .await;
     assert_precheck_fails(&app, &op, &id, "still Active").await;
-    assert_eq!(keys(&seed, "in-use").await, vec![pair(&live, "Active")]);
+    assert_eq!(seed.keys("in-use").await, vec![pair(&live, "Active")]);
 
     // Stop an instance that does not exist.
     let (_, web) = running_instance(&seed, "web").await;
@@ -1030,7 +981,7 @@ both!(failed_prechecks_apply_nothing, |app: TestApp| async move {
     )
     .await;
     assert_precheck_fails(&app, &op, &id, "i-0123456789abcdef0 not found").await;
-    assert_eq!(instance_state(&seed, &web).await, "running");
+    assert_eq!(seed.instance_state(REGION, &web).await, "running");
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -1092,7 +1043,7 @@ both!(
             )),
             ["1"]
         );
-        let now = keys(&seed, "racer").await;
+        let now = seed.keys("racer").await;
         assert_eq!(now.len(), 2, "exactly one new key: {now:?}");
         let new: Vec<&(String, String)> = now.iter().filter(|(k, _)| *k != old).collect();
         assert_eq!(

@@ -8,9 +8,7 @@
 //! `a_failed_rollback_is_retried_without_repeating_undone_steps`).
 
 use crate::both;
-use crate::execution::{
-    approved_id, emulated_connector, execute_ok, keys, roll_back_ok, run, trail,
-};
+use crate::execution::{approved_id, emulated_connector, execute_ok, roll_back_ok, run, trail};
 use crate::harness::*;
 use nexplane_testing::moto::{self, Seeder};
 use rusoto_ec2::Ec2;
@@ -151,14 +149,11 @@ both!(
         .await;
         assert_invalid(&app, &requester, &approved, "rollback", "approved").await;
         assert_role_refused(&app, &approved, "execute", "approved").await;
-        assert_eq!(
-            keys(&seed, "svc").await,
-            [(key.clone(), "Active".to_owned())]
-        );
+        assert_eq!(seed.keys("svc").await, [(key.clone(), "Active".to_owned())]);
         let (executor, executor_token) = app.user("operator").await;
         execute_ok(&app, &executor_token, &approved, &["deactivate_access_key"]).await;
         assert_eq!(
-            keys(&seed, "svc").await,
+            seed.keys("svc").await,
             [(key.clone(), "Inactive".to_owned())]
         );
         let started = app.audit_of("change_request.execution_started").await;
@@ -174,25 +169,19 @@ both!(
         assert_invalid(&app, &requester, &approved, "execute", "complete").await;
         assert_role_refused(&app, &approved, "rollback", "complete").await;
         assert_eq!(
-            keys(&seed, "svc").await,
+            seed.keys("svc").await,
             [(key.clone(), "Inactive".to_owned())]
         );
         let (_, other) = app.user("operator").await;
         roll_back_ok(&app, &other, &approved, &["reactivate_access_key"]).await;
-        assert_eq!(
-            keys(&seed, "svc").await,
-            [(key.clone(), "Active".to_owned())]
-        );
+        assert_eq!(seed.keys("svc").await, [(key.clone(), "Active".to_owned())]);
 
         // rolledback is final.
         for action in ["execute", "rollback"] {
             assert_invalid(&app, &app.admin_token, &approved, action, "rolledback").await;
         }
         assert_role_refused(&app, &approved, "execute", "rolledback").await;
-        assert_eq!(
-            keys(&seed, "svc").await,
-            [(key.clone(), "Active".to_owned())]
-        );
+        assert_eq!(seed.keys("svc").await, [(key.clone(), "Active".to_owned())]);
     }
 );
 
@@ -251,10 +240,7 @@ both!(
             app.audit_of("change_request.execution_started").await.len(),
             1
         );
-        assert_eq!(
-            keys(&seed, "svc").await,
-            [(key.clone(), "Active".to_owned())]
-        );
+        assert_eq!(seed.keys("svc").await, [(key.clone(), "Active".to_owned())]);
     }
 );
 
@@ -295,7 +281,7 @@ both!(
             1
         );
         assert_eq!(
-            keys(&seed, "svc").await,
+            seed.keys("svc").await,
             [(key.clone(), "Inactive".to_owned())]
         );
     }
@@ -400,7 +386,7 @@ both!(
                 assert_eq!(state_of(&app, &id).await, json!("complete"));
                 assert!(!events.iter().any(|e| e == "change_request.cancelled"));
                 assert_eq!(
-                    keys(&seed, "svc")
+                    seed.keys("svc")
                         .await
                         .iter()
                         .find(|k| k.0 == key)
@@ -417,7 +403,7 @@ both!(
                     .any(|e| e == "change_request.execution_started"));
                 assert!(jobs_of(&app, &id).is_empty());
                 assert_eq!(
-                    keys(&seed, "svc")
+                    seed.keys("svc")
                         .await
                         .iter()
                         .find(|k| k.0 == key)
