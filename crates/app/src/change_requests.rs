@@ -188,7 +188,7 @@ impl App {
         };
         transaction(self.store(), |r: &mut dyn Repo| {
             let found = r.list_change_requests(&filter, page)?;
-            found.into_iter().map(|cr| self.view(r, cr)).collect()
+            self.views(r, found)
         })
     }
 

@@ -157,6 +157,38 @@ impl App {
         })
     }
 
+    /// The journals of a page of change requests, loaded together (no query per row).
+    pub(crate) fn views(
+        &self,
+        r: &mut dyn Repo,
+        crs: Vec<ChangeRequest>,
+    ) -> Result<Vec<ChangeRequestView>, AppError> {
+        let ran: Vec<ChangeRequestId> = crs
+            .iter()
+            .filter(|c| c.executed_at.is_some())
+            .map(|c| c.id.clone())
+            .collect();
+        let mut journals: BTreeMap<(String, &'static str), Journal> = BTreeMap::new();
+        if !ran.is_empty() {
+            for (id, j) in r.get_journals(&ran)? {
+                journals.insert((id.as_str().to_owned(), j.kind.as_str()), j);
+            }
+        }
+        Ok(crs
+            .into_iter()
+            .map(|cr| {
+                let key = |k: JournalKind| (cr.id.as_str().to_owned(), k.as_str());
+                let execution = journals.remove(&key(JournalKind::Execution));
+                let rollback = journals.remove(&key(JournalKind::Rollback));
+                ChangeRequestView {
+                    change_request: cr,
+                    execution,
+                    rollback,
+                }
+            })
+            .collect())
+    }
+
     /// `POST /change-requests/{id}/execute` (operator, admin) and `/rollback`: queues the job,
     /// or returns the one already running (the second value tells whether it is new).
     pub fn run_change_request(

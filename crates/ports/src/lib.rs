@@ -270,6 +270,11 @@ pub trait Repo {
         id: &ChangeRequestId,
         kind: JournalKind,
     ) -> Result<Option<Journal>, StoreError>;
+    /// Every journal of these change requests, in one query per few hundred ids (for lists).
+    fn get_journals(
+        &mut self,
+        ids: &[ChangeRequestId],
+    ) -> Result<Vec<(ChangeRequestId, Journal)>, StoreError>;
     /// Stores a journal (inserts it, or replaces the one of the same kind).
     fn put_journal(
         &mut self,

@@ -916,6 +916,30 @@ impl Repo for SqlRepo<'_> {
             .transpose()
     }
 
+    fn get_journals(
+        &mut self,
+        ids: &[ChangeRequestId],
+    ) -> Result<Vec<(ChangeRequestId, Journal)>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(CHUNK) {
+            let keys: Vec<&str> = chunk.iter().map(ChangeRequestId::as_str).collect();
+            let r = change_request_journals::table
+                .filter(change_request_journals::change_request_id.eq_any(keys))
+                .select((
+                    change_request_journals::change_request_id,
+                    change_request_journals::body,
+                ))
+                .load::<(String, String)>(self.conn);
+            for (id, body) in self.track(r)? {
+                let bad = |e: String| crate::error::corrupt("change_request_journals", e);
+                let id = ChangeRequestId::parse(&id).map_err(|e| bad(e.to_string()))?;
+                let journal = serde_json::from_str(&body).map_err(|e| bad(e.to_string()))?;
+                out.push((id, journal));
+            }
+        }
+        Ok(out)
+    }
+
     fn put_journal(
         &mut self,
         id: &ChangeRequestId,

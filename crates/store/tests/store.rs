@@ -1773,8 +1773,13 @@ fn journals_and_secrets_round_trip(t: &TestDb) {
     );
     assert_eq!(
         tx(db, |r| r.get_journal(&cr.id, JournalKind::Execution)),
-        Some(j)
+        Some(j.clone())
     );
+    let mut both = tx(db, |r| r.get_journals(std::slice::from_ref(&cr.id)));
+    both.sort_by_key(|(_, j)| j.kind.as_str());
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[0].1, j);
+    assert_eq!(both[1].1.kind, JournalKind::Rollback);
 
     // Secrets: stored sealed only (the schema refuses anything else), replaced by name,
     // deleted all at once.

@@ -1365,6 +1365,16 @@ both!(
             run(&app, &op, &id, "rollback").await["state"],
             json!("rolledback")
         );
+        // A list shows the same journals as the change request itself.
+        let one = app.get(&format!("/change-requests/{id}"), &op).await.body;
+        let listed = app
+            .get(&format!("/change-requests?connector_id={cid}"), &op)
+            .await
+            .body;
+        assert_eq!(listed[0]["id"], json!(id));
+        assert_eq!(listed[0]["execution"], one["execution"]);
+        assert_eq!(listed[0]["rollback"], one["rollback"]);
+        assert!(one["rollback"]["steps"].is_array(), "{one}");
         // The key it opened is deleted: its secret is gone too.
         assert!(app
             .query("SELECT name FROM change_request_secrets")
