@@ -169,7 +169,7 @@ both!(
 
         // Nothing secret in the audit log.
         let audit = app.get("/audit?limit=500", &app.admin_token).await.text;
-        assert!(!audit.contains(&token));
+        crate::connectors::assert_no_secret(&[audit.clone()], &[&token]);
         for e in [
             "agent.enrollment_token_created",
             "agent.enrollment_token_revoked",
@@ -323,6 +323,9 @@ both!(signatures_are_checked, |app: TestApp| async move {
         .await;
     assert_eq!(a.body["status"], json!("revoked"));
     assert!(a.body["revoked_at"].is_string());
+    // Neither the agent secret nor the enrollment token reached a log line or the audit log.
+    let audit = app.get("/audit?limit=500", &app.admin_token).await.text;
+    crate::connectors::assert_no_secret(&[audit], &[&agent.secret]);
 });
 
 both!(
